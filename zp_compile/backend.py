@@ -1,0 +1,64 @@
+"""torch.compile backends that run the AsyncEP passes on the post-grad (ATen) graph.
+
+- ``inductor``: the passes are registered as Inductor's ``post_grad_custom_post_pass`` through a
+  ``CustomGraphPass`` whose ``uuid()`` hashes the pass sources and the prefetch depth, so the FX graph
+  cache stays valid and is invalidated when a pass changes. A user's own custom post pass is kept and
+  runs first. Inductor's config is patched only for the duration of the compile.
+- ``aot_eager``: the same passes on AOTAutograd's forward graph, then run eagerly: no C++ compile,
+  for fast numerics and graph tests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+
+from . import passes
+
+INNER_BACKENDS = ("inductor", "aot_eager")
+
+
+class ZeroPrefillGraphPass(CustomGraphPass):
+    """The AsyncEP passes as one Inductor custom graph pass."""
+
+    def __init__(self, prefetch: int) -> None:
+        self.prefetch = prefetch
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        passes.run_passes(graph, self.prefetch)
+
+    def uuid(self) -> Any:
+        here = os.path.dirname(passes.__file__)
+        files = tuple(os.path.join(here, f) for f in passes.PASS_FILES)
+        return get_hash_for_files(files, extra=f"prefetch={self.prefetch}")
+
+
+def zero_prefill_backend(prefetch: int = 1, inner: str = "inductor"):
+    """A torch.compile backend running the AsyncEP passes, then ``inner`` ("inductor" or "aot_eager")."""
+    if inner not in INNER_BACKENDS:
+        raise ValueError(f"inner backend must be one of {INNER_BACKENDS}, got {inner!r}")
+    graph_pass = ZeroPrefillGraphPass(prefetch)
+
+    if inner == "aot_eager":
+
+        def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
+            graph_pass(gm.graph)
+            gm.recompile()
+            return make_boxed_func(gm.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler)
+
+    def inductor_backend(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        user_passes = get_custom_graph_passes(inductor_config.post_grad_custom_post_pass)
+        with inductor_config.patch(post_grad_custom_post_pass=[*user_passes, graph_pass]):
+            return compile_fx(gm, example_inputs)
+
+    return inductor_backend

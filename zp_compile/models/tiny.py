@@ -1,0 +1,129 @@
+"""Tiny random MoE checkpoints built from transformers configs: for tests, the demo and benchmarks.
+
+``tiny("qwen3_moe", num_experts=16)`` writes a real safetensors checkpoint directory (``config.json`` +
+``model.safetensors``, saved by transformers itself so the on-disk key names are the family's own) and
+returns its path. No download is involved.
+
+Generic overrides (``layers``, ``hidden``, ``num_experts``, ``top_k``, ``expert_size``, ``vocab``,
+``heads``, ``kv_heads``) are mapped onto each family's field names; any other keyword is passed to the
+config unchanged, so every field of the family's config can be set.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# model_type -> (field for num_experts, field for expert width, family-specific defaults)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": ("num_local_experts", "intermediate_size", {}),
+    "qwen2_moe": (
+        "num_experts",
+        "moe_intermediate_size",
+        {"shared_expert_intermediate_size": 64, "intermediate_size": 64, "decoder_sparse_step": 1},
+    ),
+    "qwen3_moe": ("num_experts", "moe_intermediate_size", {"head_dim": 16, "intermediate_size": 64}),
+    "olmoe": ("num_experts", "intermediate_size", {}),
+    "deepseek_v3": (
+        "n_routed_experts",
+        "moe_intermediate_size",
+        {
+            "intermediate_size": 64,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "rope_interleave": False,
+        },
+    ),
+    "gpt_oss": ("num_local_experts", "intermediate_size", {"head_dim": 16, "sliding_window": 8}),
+    "granitemoe": ("num_local_experts", "intermediate_size", {}),
+    "phimoe": ("num_local_experts", "intermediate_size", {}),
+    "glm4_moe": (
+        "n_routed_experts",
+        "moe_intermediate_size",
+        {
+            "intermediate_size": 64,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "head_dim": 16,
+        },
+    ),
+    "llama4_text": (
+        "num_local_experts",
+        "intermediate_size",
+        {"intermediate_size_mlp": 64, "head_dim": 16, "interleave_moe_layer_step": 1, "attention_chunk_size": 64},
+    ),
+}
+
+# The families the test suite verifies end to end; README's support table lists the same ones.
+VERIFIED_FAMILIES = tuple(FAMILIES)
+
+
+def tiny_config(
+    family: str,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    num_experts: int = 8,
+    top_k: int = 2,
+    expert_size: int = 32,
+    vocab: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    **fields: Any,
+):
+    """A transformers config for a tiny model of ``family`` (a transformers ``model_type``)."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
+    experts_field, width_field, defaults = FAMILIES[family]
+    kwargs: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "num_experts_per_tok": top_k,
+        # Larger than the families' 0.02 so router logits are well separated: top-k choices then do
+        # not flip on float rounding when compiled and eager code sum in different orders.
+        "initializer_range": 0.1,
+        "tie_word_embeddings": False,
+        **defaults,
+        experts_field: num_experts,
+        width_field: expert_size,
+    }
+    kwargs.update(fields)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny(
+    family: str = "qwen3_moe",
+    path: str | Path | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Path:
+    """Write a tiny random ``family`` checkpoint (safetensors) to ``path`` (a new temp dir if None)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f"zp-tiny-{family}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,200 @@
+"""``optimize(model)``: shard a transformers MoE model's experts over a process group and compile it
+with the AsyncEP passes. Every rank then runs the whole model on its own requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .backend import INNER_BACKENDS, zero_prefill_backend
+from .models.discovery import MoELayer, find_moe_layers
+from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = (*INNER_BACKENDS, "eager")
+
+
+@dataclass(frozen=True)
+class ZeroPrefillConfig:
+    """Settings of ``optimize``.
+
+    prefetch: how many MoE layers ahead expert gathers are issued (0 = gather, then use).
+    resident_first_layer: keep the first MoE layer's experts whole on every rank, as the paper does:
+        its gather would have nothing to hide behind.
+    backend: "inductor" (default), "aot_eager" (passes, then eager ATen: fast to compile) or "eager"
+        (no compile: each read of an expert bank is a blocking gather).
+    dynamic: passed to torch.compile (None: specialise first, then generalise on a new shape).
+    """
+
+    prefetch: int = 1
+    resident_first_layer: bool = False
+    backend: str = "inductor"
+    dynamic: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be an int >= 0 (0 = gather then use), got {self.prefetch!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+PRESETS = {
+    "default": ZeroPrefillConfig(),
+    "paper": ZeroPrefillConfig(prefetch=1, resident_first_layer=True),
+    "debug": ZeroPrefillConfig(backend="aot_eager"),
+}
+
+
+@dataclass
+class ZeroPrefillState:
+    """What ``optimize`` did to a model, kept on it as ``model.zero_prefill``."""
+
+    config: ZeroPrefillConfig
+    group: Any
+    world_size: int
+    rank: int
+    layers: list[MoELayer] = field(repr=False)
+    expert_bytes: int  # expert weights this rank holds after sharding
+
+    @property
+    def sharded_layers(self) -> list[MoELayer]:
+        return [layer for layer in self.layers if is_sharded(layer.module)]
+
+
+def _default_group(group):
+    if group is not None:
+        return group
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def _use_traceable_experts(model: nn.Module) -> None:
+    """transformers' ``eager`` experts path loops over ``nonzero()`` hits: a graph break per layer and a
+    data-dependent number of expert-weight reads, which would give ranks different gather sequences."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_experts_implementation", None) == "eager" and getattr(
+        model, "_can_set_experts_implementation", lambda: False
+    )():
+        log.warning("switching experts implementation from 'eager' to 'grouped_mm' (same math, traceable)")
+        model.set_experts_implementation("grouped_mm")
+
+
+def _check_prefill_only(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    if model.training:
+        raise RuntimeError(
+            f"{type(model).__name__} is in training mode; zp_compile models are prefill-only: call model.eval()"
+        )
+    if torch.is_grad_enabled():
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if any(t.requires_grad for t in tensors) or any(p.requires_grad for p in model.parameters()):
+            raise RuntimeError(
+                "gradients requested: zp_compile models are prefill-only; run the forward under "
+                "torch.inference_mode() or torch.no_grad(), with no parameter or input requiring grad"
+            )
+
+
+def _num_tokens(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0] * kwargs[key].shape[1]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0] * args[0].shape[1]
+    return None
+
+
+def participate_without_tokens(state: ZeroPrefillState) -> None:
+    """Take part in one forward's gathers with nothing to compute (a rank with an empty batch).
+
+    Issues the same gathers, in the same ascending (layer, slot) order, as a compiled forward, so the
+    other ranks do not wait forever.
+    """
+    for layer in state.sharded_layers:
+        for name in layer.expert_params:
+            getattr(layer.module, name)
+
+
+def _empty_output(model: nn.Module, args: tuple, kwargs: dict):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    logits = torch.empty((*ids.shape[:2], vocab), dtype=model.dtype, device=ids.device)
+    return CausalLMOutputWithPast(logits=logits)
+
+
+def _refuse_generate(*args, **kwargs):
+    raise RuntimeError(
+        "generate() is not supported: zp_compile serves prefill only (one forward, read the logits); "
+        "call the model directly and use .logits"
+    )
+
+
+def optimize(
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    *,
+    prefetch: int = 1,
+    resident_first_layer: bool = False,
+    backend: str = "inductor",
+    dynamic: bool | None = None,
+    config: ZeroPrefillConfig | None = None,
+) -> nn.Module:
+    """Shard ``model``'s experts over ``group`` (default: the world, or a world of one without an
+    initialised process group), compile its forward with the AsyncEP passes, and return it.
+
+    The model keeps its class and is called as before; each rank passes its own batch. All ranks must
+    call every forward together (each forward is a sequence of collectives).
+    """
+    config = config or ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
+    if hasattr(model, "zero_prefill"):
+        raise RuntimeError(f"{type(model).__name__} is already optimized by zp_compile")
+    layers = find_moe_layers(model)
+    _use_traceable_experts(model)
+
+    group = _default_group(group)
+    world_size = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+    for layer in layers:
+        if is_sharded(layer.module) or world_size == 1:
+            continue  # already loaded sharded (from_pretrained), or nothing to split
+        if config.resident_first_layer and layer.index == 0:
+            continue
+        shard_layer(layer, group)
+
+    state = ZeroPrefillState(config, group, world_size, rank, layers, expert_bytes(layers))
+    model.zero_prefill = state
+    forward = model.forward
+    compiled = (
+        forward
+        if config.backend == "eager"
+        else torch.compile(forward, backend=zero_prefill_backend(config.prefetch, config.backend), dynamic=config.dynamic)
+    )
+
+    def zero_prefill_forward(*args, **kwargs):
+        _check_prefill_only(model, args, kwargs)
+        if _num_tokens(args, kwargs) == 0:
+            participate_without_tokens(state)
+            return _empty_output(model, args, kwargs)
+        return compiled(*args, **kwargs)
+
+    model.forward = zero_prefill_forward
+    model.generate = _refuse_generate
+    log.info(
+        "zp_compile: rank %d/%d, %d MoE layers (%d sharded), %.1f MB of experts on this rank",
+        rank,
+        world_size,
+        len(layers),
+        len(state.sharded_layers),
+        state.expert_bytes / 1e6,
+    )
+    return model
+
+
+__all__ = ["optimize", "ZeroPrefillConfig", "PRESETS", "SHARD_SUFFIX"]

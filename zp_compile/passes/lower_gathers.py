@@ -1,0 +1,56 @@
+"""Pass: lower every ``zp_compile::gather_experts`` marker to functional collectives.
+
+marker(shard [S, ...]) -> all_gather_into_tensor [N*S, ...] -> wait_tensor -> narrow to [E, ...]
+
+Markers for the same (layer, slot) are merged first (a module that reads its expert tensor twice must
+not gather it twice). The lowered nodes are placed where the marker was; ``schedule_prefetch`` moves
+them. Each new node (gather, wait, narrow) records its (layer, slot) in ``meta["zp_gather_key"]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._inductor.fx_passes.bucketing import _insert_fn_trace_before_node
+from torch.fx import Graph
+
+from ..sharding import unshard_rows
+from .predicates import expert_gather_key, is_expert_gather_marker
+
+
+def _gather_full(
+    shard: torch.Tensor, *, num_experts: int, group_size: int, group_name: str
+) -> tuple[torch.Tensor]:
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(shard, group_size, group_name)  # [N*S, ...]
+    gathered = torch.ops._c10d_functional.wait_tensor(gathered)
+    return (unshard_rows(gathered, num_experts),)  # [E, ...]
+
+
+def merge_duplicate_markers(graph: Graph) -> None:
+    first: dict[tuple[int, int], torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if not is_expert_gather_marker(node):
+            continue
+        key = expert_gather_key(node)
+        if key in first:
+            if first[key].args != node.args:
+                raise RuntimeError(f"two different expert gathers claim (layer, slot) {key}: {first[key].args} vs {node.args}")
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
+def lower_expert_gathers(graph: Graph) -> None:
+    merge_duplicate_markers(graph)
+    for marker in list(graph.nodes):
+        if not is_expert_gather_marker(marker):
+            continue
+        shard, num_experts, group_size, group_name, layer, slot = marker.args
+        fn = functools.partial(_gather_full, num_experts=num_experts, group_size=group_size, group_name=group_name)
+        _, new_nodes = _insert_fn_trace_before_node(graph, fn, [shard.meta["val"]], marker, [shard], [marker])
+        for node in new_nodes:
+            node.meta.update({k: v for k, v in marker.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            node.meta["zp_gather_key"] = (layer, slot)
+        graph.erase_node(marker)
