@@ -14,6 +14,7 @@ from torch import nn
 from .backend import INNER_BACKENDS, zero_prefill_backend
 from .models.discovery import MoELayer, find_moe_layers
 from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer
+from .models.transformers_ep import adopt_transformers_ep, uses_transformers_ep
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ def optimize(
     config = config or ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
     if hasattr(model, "zero_prefill"):
         raise RuntimeError(f"{type(model).__name__} is already optimized by zp_compile")
+    if uses_transformers_ep(model):
+        adopt_transformers_ep(model)  # collective: drops the all_to_all dispatch and FSDP sharding
     layers = find_moe_layers(model)
     _use_traceable_experts(model)
 
@@ -197,4 +200,26 @@ def optimize(
     return model
 
 
-__all__ = ["optimize", "ZeroPrefillConfig", "PRESETS", "SHARD_SUFFIX"]
+def from_pretrained(
+    path,
+    group: dist.ProcessGroup | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    prefetch: int = 1,
+    resident_first_layer: bool = False,
+    backend: str = "inductor",
+    dynamic: bool | None = None,
+) -> nn.Module:
+    """Load a safetensors checkpoint directory with only this rank's expert shards, then ``optimize``.
+
+    No rank ever holds more than its share of any expert bank (resident first layer excepted).
+    """
+    from .models.loading import load_sharded
+
+    config = ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
+    group = _default_group(group)
+    model = load_sharded(path, group, dtype=dtype, resident_first_layer=resident_first_layer)
+    return optimize(model, group, config=config)
+
+
+__all__ = ["optimize", "from_pretrained", "ZeroPrefillConfig", "PRESETS", "SHARD_SUFFIX"]

@@ -71,8 +71,15 @@ def shard_rows(full: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
             f"expert tensor has {full.shape[0]} rows in dim 0 but the shard plan is for "
             f"{shard.num_experts} experts"
         )
-    out = full.new_zeros((shard.shard_size, *full.shape[1:]))
-    out[: shard.num_owned].copy_(full[shard.start : shard.stop])
+    return pad_owned_rows(full[shard.start : shard.stop], shard)
+
+
+def pad_owned_rows(owned: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
+    """This rank's owned rows ``[num_owned, ...]`` -> its zero-padded ``[shard_size, ...]`` shard."""
+    if owned.shape[0] != shard.num_owned:
+        raise ValueError(f"rank {shard.rank} owns {shard.num_owned} experts, got {owned.shape[0]} rows")
+    out = owned.new_zeros((shard.shard_size, *owned.shape[1:]))
+    out[: shard.num_owned].copy_(owned)
     return out
 
 

@@ -42,9 +42,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             "qk_nope_head_dim": 8,
             "v_head_dim": 16,
             "rope_interleave": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         },
     ),
-    "gpt_oss": ("num_local_experts", "intermediate_size", {"head_dim": 16, "sliding_window": 8}),
+    "gpt_oss": (
+        "num_local_experts",
+        "intermediate_size",
+        {"head_dim": 16, "sliding_window": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
     "granitemoe": ("num_local_experts", "intermediate_size", {}),
     "phimoe": ("num_local_experts", "intermediate_size", {}),
     "glm4_moe": (
@@ -65,6 +70,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"intermediate_size_mlp": 64, "head_dim": 16, "interleave_moe_layer_step": 1, "attention_chunk_size": 64},
     ),
 }
+
+_MLA_FAMILIES = {"deepseek_v3"}
 
 # The families the test suite verifies end to end; README's support table lists the same ones.
 VERIFIED_FAMILIES = tuple(FAMILIES)
@@ -101,10 +108,15 @@ def tiny_config(
         # not flip on float rounding when compiled and eager code sum in different orders.
         "initializer_range": 0.1,
         "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         **defaults,
         experts_field: num_experts,
         width_field: expert_size,
     }
+    if family in _MLA_FAMILIES:
+        kwargs["num_key_value_heads"] = heads  # multi-head latent attention has no grouped KV heads
     kwargs.update(fields)
     return AutoConfig.for_model(family, **kwargs)
 

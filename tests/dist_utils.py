@@ -1,0 +1,37 @@
+"""Run a function on N real CPU processes joined in a gloo process group (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # One thread per rank: ranks share the machine's cores, as they would share a host.
+    torch.set_num_threads(1)
+    # Code that reads torchrun's environment (transformers' distributed loading) finds the same values.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn, *args) -> list:
+    """``fn(rank, world_size, *args)`` on ``world_size`` processes; returns each rank's (JSON) result."""
+    with tempfile.TemporaryDirectory(prefix="zp-ranks-") as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.start_processes(
+            _entry, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True, start_method="spawn"
+        )
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]

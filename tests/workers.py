@@ -1,0 +1,88 @@
+"""Per-rank bodies for multi-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def padded_batch(rank: int, vocab: int, batch: int = 3, length: int = 9):
+    """A left-padded batch that differs per rank: [B, T] ids and attention mask."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(1, batch):
+        pad = (b * (rank + 2)) % (length - 1)
+        mask[b, :pad] = 0
+        ids[b, :pad] = 0
+    return ids, mask
+
+
+def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) -> list[dict]:
+    """For each case: optimized logits vs the unmodified model on this rank's own batch."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    out = []
+    for case in cases:
+        torch._dynamo.reset()
+        dtype = getattr(torch, case.get("dtype", "float32"))
+        ref = AutoModelForCausalLM.from_pretrained(case.get("path", path), dtype=dtype).eval()
+        ids, mask = padded_batch(rank, ref.config.get_text_config().vocab_size)
+        with torch.inference_mode():
+            expected = ref(input_ids=ids, attention_mask=mask).logits.float()
+        model = zp_compile.optimize(
+            copy.deepcopy(ref), prefetch=case["prefetch"], backend=case.get("backend", "aot_eager")
+        )
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=mask).logits.float()
+        valid = mask.bool()
+        out.append(
+            {
+                **case,
+                "max_abs_diff": (got - expected)[valid].abs().max().item(),
+                "logit_scale": expected[valid].abs().max().item(),
+                "expert_bytes": model.zero_prefill.expert_bytes,
+            }
+        )
+    return out
+
+
+def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
+    """Load with transformers' EP plan (all_to_all dispatch), optimize, and report graph and numerics."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import zp_compile
+    from zp_compile import backend as zp_backend
+    from zp_compile.passes.predicates import is_all_gather, is_all_to_all
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = padded_batch(rank, ref.config.vocab_size)
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    config = DistributedConfig(fsdp_size=world_size, ep_size=world_size, ep_implementation="all_to_all")
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config).eval()
+    graphs = []
+    original = zp_backend.ZeroPrefillGraphPass.__call__
+
+    def capture(self, graph):
+        original(self, graph)
+        graphs.append(graph)
+
+    zp_backend.ZeroPrefillGraphPass.__call__ = capture
+    try:
+        zp_compile.optimize(model, backend="aot_eager")
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        zp_backend.ZeroPrefillGraphPass.__call__ = original
+    valid = mask.bool()
+    return {
+        "max_abs_diff": (got - expected)[valid].abs().max().item(),
+        "all_to_all": sum(is_all_to_all(n) for g in graphs for n in g.nodes),
+        "all_gather": sum(is_all_gather(n) for g in graphs for n in g.nodes),
+        "expert_bytes": model.zero_prefill.expert_bytes,
+    }

@@ -1,0 +1,263 @@
+"""Load a safetensors checkpoint so that no rank ever holds more than its share of the experts.
+
+The model is built on the meta device (accelerate's ``init_empty_weights``), then every tensor is read
+with ``safe_open(...).get_slice(key)``: dense tensors whole, expert tensors only for this rank's rows.
+Checkpoints store experts either stacked (``mlp.experts.gate_up_proj`` [E, ...]: we read rows
+``[lo:hi]``) or one tensor per expert (``mlp.experts.3.gate_proj.weight``: we open only the experts in
+``[lo, hi)``). The key -> parameter routing is transformers' own (``get_model_conversion_mapping`` and
+``rename_source_key``, the calls its ``from_pretrained`` makes), so family-specific renames and fused
+gate/up layouts come from one place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..sharding import ExpertShard, pad_owned_rows
+from .discovery import MoELayer, find_moe_layers
+from .rewrite import gather_spec, install_shards
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model its config describes."""
+
+
+@dataclass
+class Read:
+    """One checkpoint tensor feeding (part of) one model parameter."""
+
+    key: str
+    expert: int | None  # None: the checkpoint tensor is the whole parameter (stacked if an expert param)
+    dim: int | None = None  # fused gate/up: dim of the full [E, ...] parameter the part is concatenated on
+    offset: int = 0  # ... and its offset along that dim
+    transpose: tuple[int, int] | None = None
+
+
+@dataclass
+class ParamPlan:
+    name: str
+    shape: tuple[int, ...]
+    is_expert: bool
+    reads: list[Read] = field(default_factory=list)
+
+
+def checkpoint_index(path: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """{key: file}, {key: shape} of a safetensors checkpoint directory, from metadata only."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (path / "model.safetensors").exists():
+        with safe_open(path / "model.safetensors", "pt") as f:
+            files = {k: path / "model.safetensors" for k in f.keys()}
+    else:
+        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    shapes = {}
+    for file in set(files.values()):
+        with safe_open(file, "pt") as f:
+            for k in f.keys():
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return files, shapes
+
+
+def plan_reads(model: nn.Module, shapes: dict[str, tuple[int, ...]], expert_params: set[str]) -> dict[str, ParamPlan]:
+    """Route every checkpoint key to the model parameter it fills (mirrors transformers' loader)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        Transpose,
+        WeightConverter,
+        WeightRenaming,
+        apply_renamings,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    converter_of = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    plans: dict[str, ParamPlan] = {}
+    unexpected = []
+    for key in sorted(shapes, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = key, None
+        if target not in meta:
+            unexpected.append(key)
+            continue
+        plan = plans.setdefault(target, ParamPlan(target, tuple(meta[target].shape), target in expert_params))
+        if pattern is None:
+            plan.reads.append(Read(key, None))
+            continue
+        converter = converter_of[pattern]
+        ops = converter.operations
+        if isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and plan.is_expert:
+            found = re.search(pattern.replace("*", r"(\d+)"), apply_renamings(key, renamings))
+            if found is None:
+                raise CheckpointError(f"cannot read the expert index of checkpoint key {key!r} ({pattern})")
+            read = Read(key, int(found.group(1)))
+            if len(ops) == 2 and isinstance(ops[1], Concatenate):
+                read.dim = ops[1].dim
+                read.offset = converter.source_patterns.index(pattern)  # part number; offsets fixed below
+            elif len(ops) != 1:
+                raise CheckpointError(f"{key}: conversion {ops} is not supported by the sharded loader")
+            plan.reads.append(read)
+        elif len(ops) == 1 and isinstance(ops[0], Transpose):
+            t = ops[0]
+            same = t.check_dims and shapes[key] == plan.shape
+            plan.reads.append(Read(key, None, transpose=None if same else (t.dim0, t.dim1)))
+        else:
+            raise CheckpointError(f"{key}: conversion {ops} is not supported by the sharded loader")
+    if unexpected:
+        raise CheckpointError(f"checkpoint keys that match no parameter of {type(model).__name__}: {unexpected[:8]}")
+    for plan in plans.values():
+        _fix_part_offsets(plan, shapes)
+    return plans
+
+
+def _fix_part_offsets(plan: ParamPlan, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Per-expert reads: check the indices are exactly 0..E-1 and turn part numbers into offsets."""
+    per_expert = [r for r in plan.reads if r.expert is not None]
+    if not per_expert:
+        return
+    parts: dict[int, list[int]] = defaultdict(list)
+    for r in per_expert:
+        parts[r.offset if r.dim is not None else 0].append(r.expert)
+    for part, experts in parts.items():
+        if sorted(experts) != list(range(plan.shape[0])):
+            raise CheckpointError(
+                f"{plan.name}: checkpoint holds experts {sorted(experts)} (part {part}) but the model has "
+                f"{plan.shape[0]}"
+            )
+    if per_expert[0].dim is None:
+        return
+    for e in range(plan.shape[0]):
+        offset = 0
+        for r in sorted((r for r in per_expert if r.expert == e), key=lambda r: r.offset):
+            r.offset, offset = offset, offset + shapes[r.key][r.dim - 1]  # per-expert tensor lacks dim 0
+
+
+class _Reader:
+    """Open safetensors files once; every read is a slice, so only the bytes asked for are touched."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.handles: dict[Path, object] = {}
+        self.log: list[tuple[str, object]] = []  # (key, rows read), for tests
+
+    def slice(self, key: str):
+        file = self.files[key]
+        if file not in self.handles:
+            self.handles[file] = safe_open(file, "pt")
+        return self.handles[file].get_slice(key)
+
+    def whole(self, plan: ParamPlan) -> torch.Tensor:
+        (read,) = plan.reads
+        self.log.append((read.key, "all"))
+        return self.slice(read.key)[:]
+
+    def expert_rows(self, plan: ParamPlan, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of an expert parameter: [hi - lo, ...]."""
+        out = None
+        for r in plan.reads:
+            if r.expert is None:
+                t = self.slice(r.key)[lo:hi]
+                self.log.append((r.key, (lo, hi)))
+                if r.transpose:
+                    t = t.transpose(*r.transpose)
+                dst = None
+            elif lo <= r.expert < hi:
+                t = self.slice(r.key)[:]
+                self.log.append((r.key, (r.expert, r.expert + 1)))
+                dst = r.expert - lo
+            else:
+                continue  # another rank's expert: never opened
+            if out is None:
+                out = torch.empty((hi - lo, *plan.shape[1:]), dtype=t.dtype)
+            target = out if dst is None else out[dst]
+            if r.dim is not None:
+                dim = r.dim if dst is None else r.dim - 1
+                target = target.narrow(dim, r.offset, t.shape[dim])
+            target.copy_(t)
+        if out is None:  # a rank that owns no expert (more ranks than experts)
+            out = torch.empty((0, *plan.shape[1:]), dtype=self._dtype_of(plan))
+        return out
+
+    def _dtype_of(self, plan: ParamPlan) -> torch.dtype:
+        return self.slice(plan.reads[0].key)[0:0].dtype if plan.reads else torch.float32
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def load_sharded(
+    path: str | Path,
+    group: torch.distributed.ProcessGroup | None,
+    *,
+    dtype: torch.dtype | None = None,
+    resident_first_layer: bool = False,
+    reader_log: list | None = None,
+) -> nn.Module:
+    """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
+    config = AutoConfig.from_pretrained(path)
+    files, shapes = checkpoint_index(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    layers = find_moe_layers(model)
+    expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
+    plans = plan_reads(model, shapes, expert_names)
+    reader = _Reader(files)
+    if reader_log is not None:
+        reader.log = reader_log
+    target_dtype = next(model.parameters()).dtype
+
+    for name, plan in plans.items():
+        if not plan.is_expert:
+            _set_param(model, name, reader.whole(plan).to(target_dtype))
+
+    world_size = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+    for layer in layers:
+        _load_layer(model, layer, plans, reader, target_dtype, group, world_size, rank, resident_first_layer)
+
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: no checkpoint tensor for parameters {left[:8]}")
+    return model.eval()
+
+
+def _load_layer(model, layer: MoELayer, plans, reader, dtype, group, world_size, rank, resident_first_layer):
+    names = [f"{layer.path}.{p}" for p in layer.expert_params]
+    missing = [n for n in names if n not in plans]
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor for expert parameters {missing}")
+    if world_size == 1 or (resident_first_layer and layer.index == 0):
+        for name in names:
+            _set_param(model, name, reader.expert_rows(plans[name], 0, layer.num_experts).to(dtype))
+        return
+    plan = ExpertShard(layer.num_experts, world_size, rank)
+    shards = {
+        short: pad_owned_rows(reader.expert_rows(plans[name], plan.start, plan.stop).to(dtype), plan)
+        for short, name in zip(layer.expert_params, names)
+    }
+    install_shards(layer, shards, gather_spec(layer, group))
