@@ -24,6 +24,8 @@ def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) ->
     from transformers import AutoModelForCausalLM
 
     import zp_compile
+    from zp_compile.models.discovery import find_moe_layers
+    from zp_compile.models.rewrite import expert_bytes
 
     out = []
     for case in cases:
@@ -34,8 +36,15 @@ def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) ->
         with torch.inference_mode():
             expected = ref(input_ids=ids, attention_mask=mask).logits.float()
         model = zp_compile.optimize(
-            copy.deepcopy(ref), prefetch=case["prefetch"], backend=case.get("backend", "aot_eager")
+            copy.deepcopy(ref),
+            prefetch=case["prefetch"],
+            backend=case.get("backend", "aot_eager"),
+            resident_first_layer=case.get("resident_first_layer", False),
         )
+        if case.get("corrupt_shards"):
+            for layer in model.zero_prefill.sharded_layers:
+                shard = getattr(layer.module, layer.expert_params[0] + "_shard")
+                shard.data = shard.data.roll(1, dims=0)
         with torch.inference_mode():
             got = model(input_ids=ids, attention_mask=mask).logits.float()
         valid = mask.bool()
@@ -45,6 +54,7 @@ def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) ->
                 "max_abs_diff": (got - expected)[valid].abs().max().item(),
                 "logit_scale": expected[valid].abs().max().item(),
                 "expert_bytes": model.zero_prefill.expert_bytes,
+                "full_expert_bytes": expert_bytes(find_moe_layers(ref)),
             }
         )
     return out
@@ -86,3 +96,22 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
         "all_gather": sum(is_all_gather(n) for g in graphs for n in g.nodes),
         "expert_bytes": model.zero_prefill.expert_bytes,
     }
+
+
+def inductor_code(rank: int, world_size: int, path: str, prefetch: int) -> dict:
+    """Optimize with Inductor; return the generated code and the logits error on this rank's batch."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    torch._dynamo.reset()
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = padded_batch(rank, ref.config.vocab_size)
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    model = zp_compile.from_pretrained(path, prefetch=prefetch, backend="inductor")
+    with torch.inference_mode():
+        got, code = run_and_get_code(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    valid = mask.bool()
+    return {"max_abs_diff": (got - expected)[valid].abs().max().item(), "code": code}

@@ -159,18 +159,19 @@ def optimize(
     if uses_transformers_ep(model):
         adopt_transformers_ep(model)  # collective: drops the all_to_all dispatch and FSDP sharding
     layers = find_moe_layers(model)
-    _use_traceable_experts(model)
-
     group = _default_group(group)
+    if group is not None and group.size() > 1:
+        for layer in layers:
+            if not (config.resident_first_layer and layer.index == 0):
+                shard_layer(layer, group)
+    return _compile(model, group, config, layers)
+
+
+def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[MoELayer]) -> nn.Module:
+    """Wrap the forward of a model whose experts are already sharded: checks, empty batches, compile."""
+    _use_traceable_experts(model)
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
-    for layer in layers:
-        if is_sharded(layer.module) or world_size == 1:
-            continue  # already loaded sharded (from_pretrained), or nothing to split
-        if config.resident_first_layer and layer.index == 0:
-            continue
-        shard_layer(layer, group)
-
     state = ZeroPrefillState(config, group, world_size, rank, layers, expert_bytes(layers))
     model.zero_prefill = state
     forward = model.forward
@@ -218,8 +219,8 @@ def from_pretrained(
 
     config = ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
     group = _default_group(group)
-    model = load_sharded(path, group, dtype=dtype, resident_first_layer=resident_first_layer)
-    return optimize(model, group, config=config)
+    model, layers = load_sharded(path, group, dtype=dtype, resident_first_layer=resident_first_layer)
+    return _compile(model, group, config, layers)
 
 
 __all__ = ["optimize", "from_pretrained", "ZeroPrefillConfig", "PRESETS", "SHARD_SUFFIX"]

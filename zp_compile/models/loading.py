@@ -210,8 +210,10 @@ def load_sharded(
     dtype: torch.dtype | None = None,
     resident_first_layer: bool = False,
     reader_log: list | None = None,
-) -> nn.Module:
-    """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever)."""
+) -> tuple[nn.Module, list[MoELayer]]:
+    """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever).
+
+    Returns the model (eval mode) and its MoE layers."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -243,7 +245,7 @@ def load_sharded(
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: no checkpoint tensor for parameters {left[:8]}")
-    return model.eval()
+    return model.eval(), layers
 
 
 def _load_layer(model, layer: MoELayer, plans, reader, dtype, group, world_size, rank, resident_first_layer):

@@ -10,6 +10,7 @@ Hugging Face code.
                               waited on and narrowed: ``lower_gathers.py``).
 3. ``schedule_expert_prefetch`` - gathers ``prefetch`` layers ahead, waits just before first use
                               (where the buffer dies follows: after the layer's last reader).
+4. ``pin_gather_order``     - control dependencies so Inductor's scheduler keeps that placement.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch.fx import Graph
 
 from .lower_gathers import lower_expert_gathers
 from .predicates import is_all_to_all
+from .pin_order import pin_gather_order
 from .schedule_prefetch import schedule_expert_prefetch
 
-PASS_FILES = ("__init__.py", "predicates.py", "lower_gathers.py", "schedule_prefetch.py")
+PASS_FILES = ("__init__.py", "predicates.py", "lower_gathers.py", "schedule_prefetch.py", "pin_order.py")
 
 
 def reject_all_to_all(graph: Graph) -> None:
@@ -41,6 +43,7 @@ def zero_prefill_passes(prefetch: int) -> list[Callable[[Graph], None]]:
         reject_all_to_all,
         lower_expert_gathers,
         functools.partial(schedule_expert_prefetch, prefetch=prefetch),
+        pin_gather_order,
     ]
 
 

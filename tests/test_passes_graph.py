@@ -1,0 +1,115 @@
+"""Graph-level invariants of the AsyncEP passes on generated configs (in-process, fake process group)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import zp_compile
+from zp_compile import backend as zp_backend
+from zp_compile.models.tiny import tiny_config
+
+from graph_checks import check_async_ep_graph, decoder_layer
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0):
+    """A process group of ``world_size`` whose collectives do nothing: enough to trace and compile."""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def captured_graphs():
+    graphs = []
+    original = zp_backend.ZeroPrefillGraphPass.__call__
+
+    def capture(self, graph):
+        original(self, graph)
+        graphs.append(graph)
+
+    zp_backend.ZeroPrefillGraphPass.__call__ = capture
+    try:
+        yield graphs
+    finally:
+        zp_backend.ZeroPrefillGraphPass.__call__ = original
+
+
+def compile_and_capture(config, world_size: int, prefetch: int, resident_first_layer: bool = False, tokens=(2, 5)):
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with fake_world(world_size), captured_graphs() as graphs:
+        zp_compile.optimize(model, prefetch=prefetch, backend="aot_eager", resident_first_layer=resident_first_layer)
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, config.vocab_size, tokens))
+    assert len(graphs) == 1, "the whole forward must be one graph"
+    return model, graphs[0]
+
+
+@st.composite
+def moe_configs(draw):
+    layers = draw(st.integers(1, 5))
+    num_experts = draw(st.integers(2, 12))
+    dense = draw(st.lists(st.booleans(), min_size=layers, max_size=layers))
+    if all(dense):
+        dense[draw(st.integers(0, layers - 1))] = False  # at least one MoE layer
+    family = draw(st.sampled_from(["qwen3_moe", "qwen2_moe"]))
+    config = tiny_config(
+        family,
+        layers=layers,
+        hidden=draw(st.sampled_from([32, 64])),
+        num_experts=num_experts,
+        top_k=draw(st.integers(1, min(4, num_experts))),
+        expert_size=draw(st.sampled_from([16, 48])),
+        mlp_only_layers=[i for i, d in enumerate(dense) if d],
+    )
+    return config
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=moe_configs(),
+    world_size=st.integers(2, 5),
+    prefetch=st.integers(0, 3),
+    resident_first_layer=st.booleans(),
+)
+def test_async_ep_invariants(config, world_size, prefetch, resident_first_layer):
+    model, graph = compile_and_capture(config, world_size, prefetch, resident_first_layer)
+    sharded = model.zero_prefill.sharded_layers
+    expected = sum(len(layer.expert_params) for layer in sharded)
+    stats = check_async_ep_graph(graph, prefetch=prefetch, layer_of_gather=decoder_layer, expected_gathers=expected)
+    # The prefetch is real: as many layers in flight as the depth allows (not merely at most).
+    assert stats["peak_live_layers"] == min(prefetch + 1, len(sharded)) or not sharded
+
+
+def test_world_of_one_has_no_collectives():
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).eval()
+    with captured_graphs() as graphs:
+        zp_compile.optimize(model, backend="aot_eager")
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, 256, (1, 4)))
+    assert model.zero_prefill.world_size == 1 and not model.zero_prefill.sharded_layers
+    assert not [n for n in graphs[0].nodes if "c10d" in str(n.target)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_llama4_double_read_gathers_once(prefetch):
+    """Llama4's experts read gate_up_proj twice (shape and bmm): still one gather per tensor."""
+    model, graph = compile_and_capture(tiny_config("llama4_text", layers=3), 2, prefetch)
+    expected = sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers)
+    check_async_ep_graph(graph, prefetch=prefetch, layer_of_gather=decoder_layer, expected_gathers=expected)
