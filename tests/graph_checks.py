@@ -22,33 +22,47 @@ def decoder_layer(node: Node) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_control_deps(node: Node) -> bool:
+    return node.op == "call_function" and "control_deps" in str(node.target)
+
+
+def target(node: Node):
+    """The op a node runs, seeing through Inductor's ``control_deps(deps, subgraph, *args)`` wrapper."""
+    if is_control_deps(node):
+        sub = getattr(node.graph.owning_module, node.args[1].target)
+        (inner,) = [n for n in sub.graph.nodes if n.op == "call_function"]
+        return inner.target
+    return node.target if node.op == "call_function" else None
+
+
 def is_view(node: Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+    t = target(node)
+    return isinstance(t, torch._ops.OpOverload) and t.is_view
 
 
 def is_ordering_only(node: Node, dep: Node) -> bool:
-    """``node`` takes ``dep`` only as a control dependency (Inductor's control_deps op), not as data."""
-    return "control_deps" in str(node.target) and dep in node.args[0] and dep not in node.args[2:]
+    """``node`` takes ``dep`` only as a control dependency, not as data."""
+    return is_control_deps(node) and dep in node.args[0] and dep not in node.args[2:]
 
 
 def is_collective(node: Node) -> bool:
-    return node.op == "call_function" and node.target in (C10D.all_gather_into_tensor.default, C10D.wait_tensor.default)
+    return target(node) in (C10D.all_gather_into_tensor.default, C10D.wait_tensor.default)
 
 
 def readers(buffer: Node) -> list[Node]:
-    """Non-view nodes reading ``buffer`` directly or through views."""
-    out, todo = [], list(buffer.users)
+    """Non-view nodes reading ``buffer`` (as data, not as a mere ordering dependency), also through views."""
+    out, todo = [], [u for u in buffer.users if not is_ordering_only(u, buffer)]
     while todo:
         n = todo.pop()
-        if is_view(n) or n.target is C10D.wait_tensor.default:
-            todo.extend(n.users)
+        if is_view(n) or target(n) is C10D.wait_tensor.default:
+            todo.extend(u for u in n.users if not is_ordering_only(u, n))
         else:
             out.append(n)
     return out
 
 
 def gathers(graph: Graph) -> list[Node]:
-    return [n for n in graph.nodes if n.op == "call_function" and n.target is C10D.all_gather_into_tensor.default]
+    return [n for n in graph.nodes if target(n) is C10D.all_gather_into_tensor.default]
 
 
 def check_async_ep_graph(graph: Graph, *, prefetch: int, layer_of_gather, expected_gathers: int) -> dict:
@@ -60,11 +74,11 @@ def check_async_ep_graph(graph: Graph, *, prefetch: int, layer_of_gather, expect
     pos = {n: i for i, n in enumerate(nodes)}
     ags = gathers(graph)
     assert len(ags) == expected_gathers, f"{len(ags)} gathers, expected one per sharded expert tensor ({expected_gathers})"
-    assert not [n for n in nodes if n.op == "call_function" and "all_to_all" in str(n.target)], "all_to_all remains"
+    assert not [n for n in nodes if "all_to_all" in str(target(n))], "all_to_all remains"
 
     # Every gathered buffer is read only through its wait, and only after the wait.
     for ag in ags:
-        waits = [u for u in ag.users if u.target is C10D.wait_tensor.default]
+        waits = [u for u in ag.users if target(u) is C10D.wait_tensor.default]
         others = [u for u in ag.users if u not in waits and not is_ordering_only(u, ag)]
         assert len(waits) == 1 and not others, f"{ag.name} is used by {[u.target for u in ag.users]}"
         (wait,) = waits
@@ -76,7 +90,7 @@ def check_async_ep_graph(graph: Graph, *, prefetch: int, layer_of_gather, expect
     first_compute = {}
     for n in nodes:
         d = decoder_layer(n)
-        if d is not None and d not in first_compute and n.op == "call_function" and not is_collective(n):
+        if d is not None and d not in first_compute and target(n) is not None and not is_collective(n):
             first_compute[d] = n
     first_read = {L: min((r for ag in by_layer[L] for r in readers(ag)), key=pos.__getitem__) for L in layers}
     last_read = {L: max((r for ag in by_layer[L] for r in readers(ag)), key=pos.__getitem__) for L in layers}

@@ -1,10 +1,13 @@
 """Pass: make the prefetch placement survive Inductor's scheduler.
 
-Inductor reorders its scheduler nodes after the post-grad passes; ``reorder_for_peak_memory`` in
-particular sinks an all-gather (which allocates) down to its wait, undoing the prefetch. Inductor's own
-overlap passes keep their placement with control dependencies (``preserve_node_ordering``: the
-``control_deps`` higher-order op), and so do we: the first compute node after each group of issued
-gathers is made to depend on those gathers, so no gather can move below it.
+Inductor reorders and fuses scheduler nodes after the post-grad passes: ``reorder_for_peak_memory``
+sinks an all-gather (it allocates) down to its wait, undoing the prefetch, and a gather can also be
+hoisted above the kernel that last reads the previous layer's buffers, keeping one more layer alive.
+Inductor's own overlap passes keep their placement with control dependencies
+(``preserve_node_ordering``: the ``control_deps`` higher-order op), and so do we, from what
+``schedule_expert_prefetch`` recorded on each gather:
+- the gather runs after every reader of the gathered layer it succeeds (``meta["zp_issue_after"]``);
+- the first non-view compute node at or after its anchor (``meta["zp_issue_before"]``) runs after it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ from torch.utils._ordered_set import OrderedSet
 from .predicates import expert_gather_key, is_all_gather, is_compute, is_view
 
 
+def _first_compute_from(node: Node) -> Node | None:
+    while node.op != "output":
+        if is_compute(node) and not is_view(node) and expert_gather_key(node) is None:
+            return node
+        node = node.next
+    return None
+
+
 def pin_gather_order(graph: Graph) -> None:
     deps: dict[Node, OrderedSet[Node]] = {}
-    pending: list[Node] = []
-    for node in graph.nodes:
-        if is_all_gather(node) and expert_gather_key(node) is not None:
-            pending.append(node)
-        elif pending and is_compute(node) and not is_view(node) and expert_gather_key(node) is None:
-            deps.setdefault(node, OrderedSet()).update(pending)
-            pending = []
+    for gather in [n for n in graph.nodes if is_all_gather(n) and "zp_issue_before" in n.meta]:
+        after = gather.meta.pop("zp_issue_after")
+        before = _first_compute_from(gather.meta.pop("zp_issue_before"))
+        if after:
+            deps.setdefault(gather, OrderedSet()).update(after)
+        if before is not None:
+            deps.setdefault(before, OrderedSet()).add(gather)
     preserve_node_ordering(graph, deps)

@@ -115,14 +115,20 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
         found = _after_all(nodes, readers, pos) if readers else None
         anchor[k] = found if found is not None else first_read.get(layers[k], start)
 
-    # 3. Gathers, in ascending (layer, slot) order.
+    # 3. Gathers, in ascending (layer, slot) order. Each records what it must follow (the readers of
+    #    the layer whose buffers it replaces) and precede (its anchor), for ``pin_gather_order``.
     for k, layer in enumerate(layers):
         if prefetch == 0:
             target = min((chains[layer][s][1] for s in chains[layer]), key=pos.__getitem__)
+            after = _consumers(chains[layers[k - 1]]) if k >= 1 else []
         else:
             target = anchor[k - prefetch] if k - prefetch >= 1 else start
+            after = _consumers(chains[layers[k - prefetch - 1]]) if k - prefetch >= 1 else []
         for slot in sorted(chains[layer]):
-            target.prepend(chains[layer][slot][0])
+            gather = chains[layer][slot][0]
+            target.prepend(gather)
+            gather.meta["zp_issue_after"] = after
+            gather.meta["zp_issue_before"] = target
 
     issued = [expert_gather_key(n) for n in graph.nodes if is_all_gather(n) and expert_gather_key(n) is not None]
     if issued != sorted(issued):
