@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -35,3 +37,34 @@ def run_ranks(world_size: int, fn, *args) -> list:
             _entry, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True, start_method="spawn"
         )
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0):
+    """A process group of ``world_size`` whose collectives do nothing: enough to trace and compile."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def captured_graphs():
+    """Collect the graphs the AsyncEP passes ran on (after the passes)."""
+    from zp_compile import backend as zp_backend
+
+    graphs = []
+    original = zp_backend.ZeroPrefillGraphPass.__call__
+
+    def capture(self, graph):
+        original(self, graph)
+        graphs.append(graph)
+
+    zp_backend.ZeroPrefillGraphPass.__call__ = capture
+    try:
+        yield graphs
+    finally:
+        zp_backend.ZeroPrefillGraphPass.__call__ = original

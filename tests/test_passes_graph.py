@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import zp_compile
-from zp_compile import backend as zp_backend
 from zp_compile.models.tiny import tiny_config
 
+from dist_utils import captured_graphs, fake_world
 from graph_checks import check_async_ep_graph, decoder_layer
-
-
-@contextlib.contextmanager
-def fake_world(world_size: int, rank: int = 0):
-    """A process group of ``world_size`` whose collectives do nothing: enough to trace and compile."""
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def captured_graphs():
-    graphs = []
-    original = zp_backend.ZeroPrefillGraphPass.__call__
-
-    def capture(self, graph):
-        original(self, graph)
-        graphs.append(graph)
-
-    zp_backend.ZeroPrefillGraphPass.__call__ = capture
-    try:
-        yield graphs
-    finally:
-        zp_backend.ZeroPrefillGraphPass.__call__ = original
 
 
 def compile_and_capture(config, world_size: int, prefetch: int, resident_first_layer: bool = False, tokens=(2, 5)):

@@ -66,8 +66,11 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
     from transformers.distributed import DistributedConfig
 
     import zp_compile
-    from zp_compile import backend as zp_backend
-    from zp_compile.passes.predicates import is_all_gather, is_all_to_all
+    from zp_compile.models.transformers_ep import uses_transformers_ep
+    from zp_compile.passes.predicates import is_all_to_all
+
+    from dist_utils import captured_graphs
+    from graph_checks import gathers
 
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     ids, mask = padded_batch(rank, ref.config.vocab_size)
@@ -75,26 +78,19 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
         expected = ref(input_ids=ids, attention_mask=mask).logits
     config = DistributedConfig(fsdp_size=world_size, ep_size=world_size, ep_implementation="all_to_all")
     model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config).eval()
-    graphs = []
-    original = zp_backend.ZeroPrefillGraphPass.__call__
-
-    def capture(self, graph):
-        original(self, graph)
-        graphs.append(graph)
-
-    zp_backend.ZeroPrefillGraphPass.__call__ = capture
-    try:
+    dispatch_before = uses_transformers_ep(model)
+    with captured_graphs() as graphs:
         zp_compile.optimize(model, backend="aot_eager")
         with torch.inference_mode():
             got = model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        zp_backend.ZeroPrefillGraphPass.__call__ = original
     valid = mask.bool()
     return {
+        "dispatch_before": dispatch_before,
+        "dispatch_after": uses_transformers_ep(model),
         "max_abs_diff": (got - expected)[valid].abs().max().item(),
+        "graphs": len(graphs),
         "all_to_all": sum(is_all_to_all(n) for g in graphs for n in g.nodes),
-        "all_gather": sum(is_all_gather(n) for g in graphs for n in g.nodes),
-        "expert_bytes": model.zero_prefill.expert_bytes,
+        "all_gather": sum(len(gathers(g)) for g in graphs),
     }
 
 
@@ -115,3 +111,53 @@ def inductor_code(rank: int, world_size: int, path: str, prefetch: int) -> dict:
         got, code = run_and_get_code(lambda: model(input_ids=ids, attention_mask=mask).logits)
     valid = mask.bool()
     return {"max_abs_diff": (got - expected)[valid].abs().max().item(), "code": code}
+
+
+def empty_batch_on_rank_zero(rank: int, world_size: int, path: str, backend: str) -> list:
+    """Rank 0 has no tokens in some steps; the other ranks must neither hang nor get wrong logits."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = zp_compile.from_pretrained(path, backend=backend)
+    out = []
+    for step in range(3):
+        ids, mask = padded_batch(rank + step, ref.config.vocab_size)
+        if rank == 0 and step != 1:
+            ids, mask = ids[:, :0], mask[:, :0]  # [B, 0]: nothing to score this step
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=mask).logits
+            expected = ref(input_ids=ids, attention_mask=mask).logits if ids.numel() else got
+        valid = mask.bool()
+        out.append({"shape": list(got.shape), "max_abs_diff": (got - expected)[valid].abs().max().item() if valid.any() else 0.0})
+    return out
+
+
+def loader_peak_memory(rank: int, world_size: int, path: str, how: str) -> dict:
+    """Peak resident memory added by loading ``path`` (``how``: "sharded" or "transformers")."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    def status(field: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    # Import the model's code first (transformers imports modeling modules lazily, tens of MB).
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident set
+    before = status("VmRSS:")
+    if how == "sharded":
+        model = zp_compile.from_pretrained(path, backend="eager")
+        held = model.zero_prefill.expert_bytes
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        held = None
+    return {"peak_added": status("VmHWM:") - before, "expert_bytes": held}

@@ -1,7 +1,7 @@
 """Load a safetensors checkpoint so that no rank ever holds more than its share of the experts.
 
 The model is built on the meta device (accelerate's ``init_empty_weights``), then every tensor is read
-with ``safe_open(...).get_slice(key)``: dense tensors whole, expert tensors only for this rank's rows.
+from the safetensors file by byte range: dense tensors whole, expert tensors only for this rank's rows.
 Checkpoints store experts either stacked (``mlp.experts.gate_up_proj`` [E, ...]: we read rows
 ``[lo:hi]``) or one tensor per expert (``mlp.experts.3.gate_proj.weight``: we open only the experts in
 ``[lo, hi)``). The key -> parameter routing is transformers' own (``get_model_conversion_mapping`` and
@@ -12,16 +12,17 @@ gate/up layouts come from one place.
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..sharding import ExpertShard, pad_owned_rows
+from ..sharding import ExpertShard
 from .discovery import MoELayer, find_moe_layers
 from .rewrite import gather_spec, install_shards
 
@@ -49,22 +50,19 @@ class ParamPlan:
     reads: list[Read] = field(default_factory=list)
 
 
-def checkpoint_index(path: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
-    """{key: file}, {key: shape} of a safetensors checkpoint directory, from metadata only."""
+def checkpoint_index(path: Path) -> dict[str, _Entry]:
+    """Every tensor of a safetensors checkpoint directory (one file or an index), from headers only."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
     elif (path / "model.safetensors").exists():
-        with safe_open(path / "model.safetensors", "pt") as f:
-            files = {k: path / "model.safetensors" for k in f.keys()}
+        files = [path / "model.safetensors"]
     else:
         raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    shapes = {}
-    for file in set(files.values()):
-        with safe_open(file, "pt") as f:
-            for k in f.keys():
-                shapes[k] = tuple(f.get_slice(k).get_shape())
-    return files, shapes
+    entries: dict[str, _Entry] = {}
+    for file in files:
+        entries.update(_read_header(file))
+    return entries
 
 
 def plan_reads(model: nn.Module, shapes: dict[str, tuple[int, ...]], expert_params: set[str]) -> dict[str, ParamPlan]:
@@ -147,54 +145,84 @@ def _fix_part_offsets(plan: ParamPlan, shapes: dict[str, tuple[int, ...]]) -> No
             r.offset, offset = offset, offset + shapes[r.key][r.dim - 1]  # per-expert tensor lacks dim 0
 
 
-class _Reader:
-    """Open safetensors files once; every read is a slice, so only the bytes asked for are touched."""
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-        self.handles: dict[Path, object] = {}
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in the file
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """The safetensors header: 8-byte little-endian length, JSON {key: {dtype, shape, data_offsets}}."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which the loader does not read")
+        entries[key] = _Entry(file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + info["data_offsets"][0])
+    return entries
+
+
+class _Reader:
+    """Reads byte ranges of safetensors files straight into tensors (``pread``, no memory map), so a
+    rank's resident memory holds what it asked for and nothing else: the rows [lo, hi) of a stacked
+    expert tensor are one contiguous byte range."""
+
+    def __init__(self, entries: dict[str, _Entry]) -> None:
+        self.entries = entries
         self.log: list[tuple[str, object]] = []  # (key, rows read), for tests
 
-    def slice(self, key: str):
-        file = self.files[key]
-        if file not in self.handles:
-            self.handles[file] = safe_open(file, "pt")
-        return self.handles[file].get_slice(key)
+    def read(self, key: str, lo: int | None = None, hi: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.entries[key]
+        rows = e.shape[0] if e.shape else 1
+        lo, hi = (0, rows) if lo is None else (lo, hi)
+        row_bytes = (math.prod(e.shape[1:]) if e.shape else 1) * e.dtype.itemsize
+        shape = (hi - lo, *e.shape[1:]) if e.shape else ()
+        if out is None or out.dtype != e.dtype or not out.is_contiguous():
+            dst = torch.empty(shape, dtype=e.dtype)
+        else:
+            dst = out
+        with open(e.file, "rb", buffering=0) as f:
+            f.seek(e.offset + lo * row_bytes)
+            f.readinto(memoryview(dst.view(-1).view(torch.uint8).numpy()))
+        self.log.append((key, "all" if (lo, hi) == (0, rows) else (lo, hi)))
+        if dst is not out and out is not None:
+            out.copy_(dst)
+            return out
+        return dst
 
     def whole(self, plan: ParamPlan) -> torch.Tensor:
         (read,) = plan.reads
-        self.log.append((read.key, "all"))
-        return self.slice(read.key)[:]
+        return self.read(read.key)
 
-    def expert_rows(self, plan: ParamPlan, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of an expert parameter: [hi - lo, ...]."""
-        out = None
+    def expert_rows(self, plan: ParamPlan, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out[: hi - lo]`` with rows [lo, hi) of an expert parameter."""
         for r in plan.reads:
             if r.expert is None:
-                t = self.slice(r.key)[lo:hi]
-                self.log.append((r.key, (lo, hi)))
                 if r.transpose:
-                    t = t.transpose(*r.transpose)
-                dst = None
+                    out[: hi - lo].copy_(self.read(r.key, lo, hi).transpose(*r.transpose))
+                else:
+                    self.read(r.key, lo, hi, out=out[: hi - lo])
             elif lo <= r.expert < hi:
-                t = self.slice(r.key)[:]
-                self.log.append((r.key, (r.expert, r.expert + 1)))
-                dst = r.expert - lo
-            else:
-                continue  # another rank's expert: never opened
-            if out is None:
-                out = torch.empty((hi - lo, *plan.shape[1:]), dtype=t.dtype)
-            target = out if dst is None else out[dst]
-            if r.dim is not None:
-                dim = r.dim if dst is None else r.dim - 1
-                target = target.narrow(dim, r.offset, t.shape[dim])
-            target.copy_(t)
-        if out is None:  # a rank that owns no expert (more ranks than experts)
-            out = torch.empty((0, *plan.shape[1:]), dtype=self._dtype_of(plan))
+                target = out[r.expert - lo]
+                if r.dim is not None:
+                    part = self.entries[r.key].shape[r.dim - 1]
+                    target = target.narrow(r.dim - 1, r.offset, part)
+                self.read(r.key, out=target)
+                self.log[-1] = (r.key, (r.expert, r.expert + 1))
+            # else: another rank's expert, never opened
         return out
-
-    def _dtype_of(self, plan: ParamPlan) -> torch.dtype:
-        return self.slice(plan.reads[0].key)[0:0].dtype if plan.reads else torch.float32
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -221,13 +249,13 @@ def load_sharded(
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
     config = AutoConfig.from_pretrained(path)
-    files, shapes = checkpoint_index(path)
+    entries = checkpoint_index(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
     layers = find_moe_layers(model)
     expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
-    plans = plan_reads(model, shapes, expert_names)
-    reader = _Reader(files)
+    plans = plan_reads(model, {k: e.shape for k, e in entries.items()}, expert_names)
+    reader = _Reader(entries)
     if reader_log is not None:
         reader.log = reader_log
     target_dtype = next(model.parameters()).dtype
@@ -253,13 +281,17 @@ def _load_layer(model, layer: MoELayer, plans, reader, dtype, group, world_size,
     missing = [n for n in names if n not in plans]
     if missing:
         raise CheckpointError(f"no checkpoint tensor for expert parameters {missing}")
-    if world_size == 1 or (resident_first_layer and layer.index == 0):
-        for name in names:
-            _set_param(model, name, reader.expert_rows(plans[name], 0, layer.num_experts).to(dtype))
-        return
-    plan = ExpertShard(layer.num_experts, world_size, rank)
+    whole = world_size == 1 or (resident_first_layer and layer.index == 0)
+    plan = ExpertShard(layer.num_experts, 1 if whole else world_size, 0 if whole else rank)
+    # [shard_size, ...] zero-padded; the owned rows are read into it directly (no full bank, no copy).
     shards = {
-        short: pad_owned_rows(reader.expert_rows(plans[name], plan.start, plan.stop).to(dtype), plan)
+        short: reader.expert_rows(
+            plans[name], plan.start, plan.stop, torch.zeros((plan.shard_size, *plans[name].shape[1:]), dtype=dtype)
+        )
         for short, name in zip(layer.expert_params, names)
     }
-    install_shards(layer, shards, gather_spec(layer, group))
+    if whole:
+        for name, short in zip(names, layer.expert_params):
+            _set_param(model, name, shards[short])
+    else:
+        install_shards(layer, shards, gather_spec(layer, group))
