@@ -37,9 +37,11 @@ def test_every_prefetch_depth(checkpoints, world_size):
 
 def test_bf16_within_stated_tolerance(checkpoints):
     """bf16: compared with the unmodified model in bf16; tolerance 0.05 on logits of scale ~3."""
-    path = str(checkpoints("mixtral", layers=2))
-    cases = [{"prefetch": 1, "dtype": "bfloat16"}]
-    for rank_results in run_ranks(2, max_logit_error, path, cases):
+    cases = [
+        {"path": str(checkpoints(family, layers=2)), "family": family, "prefetch": 1, "dtype": "bfloat16"}
+        for family in VERIFIED_FAMILIES
+    ]
+    for rank_results in run_ranks(2, max_logit_error, "", cases):
         for r in rank_results:
             assert r["max_abs_diff"] <= 0.05, r
 

@@ -14,12 +14,14 @@ from dist_utils import captured_graphs, fake_world
 from graph_checks import check_async_ep_graph, decoder_layer
 
 
-def compile_and_capture(config, world_size: int, prefetch: int, resident_first_layer: bool = False, tokens=(2, 5)):
+def compile_and_capture(
+    config, world_size: int, prefetch: int, resident_first_layer: bool = False, tokens=(2, 5), dtype=torch.float32
+):
     from transformers import AutoModelForCausalLM
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with fake_world(world_size), captured_graphs() as graphs:
         zp_compile.optimize(model, prefetch=prefetch, backend="aot_eager", resident_first_layer=resident_first_layer)
         with torch.inference_mode():
@@ -83,3 +85,11 @@ def test_llama4_double_read_gathers_once(prefetch):
     model, graph = compile_and_capture(tiny_config("llama4_text", layers=3), 2, prefetch)
     expected = sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers)
     check_async_ep_graph(graph, prefetch=prefetch, layer_of_gather=decoder_layer, expected_gathers=expected)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bf16_is_one_graph_too(family):
+    """bf16 takes transformers' grouped_mm path (not the fp32 fallback op): still one graph, same invariants."""
+    model, graph = compile_and_capture(tiny_config(family, layers=3), 2, 1, dtype=torch.bfloat16)
+    expected = sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers)
+    check_async_ep_graph(graph, prefetch=1, layer_of_gather=decoder_layer, expected_gathers=expected)
