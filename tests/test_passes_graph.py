@@ -93,3 +93,19 @@ def test_bf16_is_one_graph_too(family):
     model, graph = compile_and_capture(tiny_config(family, layers=3), 2, 1, dtype=torch.bfloat16)
     expected = sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers)
     check_async_ep_graph(graph, prefetch=1, layer_of_gather=decoder_layer, expected_gathers=expected)
+
+
+def test_dynamic_shapes_keep_the_invariants():
+    """A second batch shape makes dynamo recompile with symbolic sizes; the passes must still apply."""
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", layers=3)).eval()
+    with fake_world(2), captured_graphs() as graphs:
+        zp_compile.optimize(model, backend="aot_eager")
+        with torch.inference_mode():
+            for shape in [(2, 5), (3, 7), (4, 9)]:
+                assert model(input_ids=torch.randint(3, 256, shape)).logits.shape == (*shape, 256)
+    symbolic = [g for g in graphs if any(isinstance(n.meta.get("val"), torch.SymInt) for n in g.nodes)]
+    assert symbolic, "expected a dynamic-shape recompile"
+    check_async_ep_graph(symbolic[-1], prefetch=1, layer_of_gather=decoder_layer, expected_gathers=6)

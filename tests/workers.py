@@ -161,3 +161,25 @@ def loader_peak_memory(rank: int, world_size: int, path: str, how: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path)
         held = None
     return {"peak_added": status("VmHWM:") - before, "expert_bytes": held}
+
+
+def bf16_against_stock_compile(rank: int, world_size: int, path: str) -> dict:
+    """bf16 error vs the fp32 model: ours (Inductor) and stock torch.compile of the unmodified model."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    fp32 = AutoModelForCausalLM.from_pretrained(path).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids, mask = padded_batch(rank, fp32.config.vocab_size)
+    valid = mask.bool()
+    with torch.inference_mode():
+        expected = fp32(input_ids=ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+        stock = torch.compile(copy.deepcopy(bf16))(input_ids=ids, attention_mask=mask).logits.float()
+        torch._dynamo.reset()
+        ours = zp_compile.optimize(bf16, backend="inductor")(input_ids=ids, attention_mask=mask).logits.float()
+    return {
+        "ours_vs_fp32": (ours - expected)[valid].abs().max().item(),
+        "stock_vs_fp32": (stock - expected)[valid].abs().max().item(),
+    }
