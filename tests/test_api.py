@@ -80,3 +80,11 @@ def test_transformers_expert_parallel_dispatch_is_replaced(checkpoints, family):
         assert r["dispatch_before"] and not r["dispatch_after"], r
         assert r["graphs"] == 1 and r["all_to_all"] == 0 and r["all_gather"] > 0, r
         assert r["max_abs_diff"] <= 1e-4, r
+
+
+def test_config_and_keywords_together_are_refused():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")).eval()
+    with pytest.raises(ValueError, match="either as config= or as keywords"):
+        zp_compile.optimize(model, prefetch=2, config=zp_compile.PRESETS["paper"])

@@ -20,7 +20,8 @@ def test_each_rank_gets_its_rows_and_reads_nothing_else(checkpoints, family):
     from transformers import AutoModelForCausalLM
 
     path = checkpoints(family, num_experts=7)
-    reference = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    reference_model = AutoModelForCausalLM.from_pretrained(path)
+    reference = reference_model.state_dict()
     world_size = 3
     for rank in range(world_size):
         log: list = []
@@ -36,6 +37,8 @@ def test_each_rank_gets_its_rows_and_reads_nothing_else(checkpoints, family):
             else:
                 assert torch.equal(tensor, reference[name]), name
         assert len(layers) == 2 and all(hasattr(layer.module, "_zp_gather") for layer in layers)
+        # Buffers stay buffers (e.g. DeepSeek-V3's e_score_correction_bias), parameters parameters.
+        assert {n for n, _ in model.named_buffers()} == {n for n, _ in reference_model.named_buffers()}
         plan = ExpertShard(7, world_size, rank)
         for key, rows in log:
             if rows != "all":
@@ -103,3 +106,10 @@ def test_dtype_conversion_on_load(checkpoints):
             assert torch.equal(tensor[:2], full[3:5].to(torch.bfloat16)), name
         else:
             assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
+
+
+def test_tied_embeddings_are_tied_after_loading(checkpoints):
+    path = checkpoints("qwen3_moe", tie_word_embeddings=True)
+    with fake_world(2, 0):
+        model, _ = load_sharded(path, dist.group.WORLD)
+    assert model.lm_head.weight is model.model.embed_tokens.weight

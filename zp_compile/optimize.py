@@ -153,7 +153,7 @@ def optimize(
     The model keeps its class and is called as before; each rank passes its own batch. All ranks must
     call every forward together (each forward is a sequence of collectives).
     """
-    config = config or ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic)
     if hasattr(model, "zero_prefill"):
         raise RuntimeError(f"{type(model).__name__} is already optimized by zp_compile")
     if uses_transformers_ep(model):
@@ -165,6 +165,15 @@ def optimize(
             if not (config.resident_first_layer and layer.index == 0):
                 shard_layer(layer, group)
     return _compile(model, group, config, layers)
+
+
+def _settings(config: ZeroPrefillConfig | None, *keywords) -> ZeroPrefillConfig:
+    from_keywords = ZeroPrefillConfig(*keywords)
+    if config is None:
+        return from_keywords
+    if from_keywords != ZeroPrefillConfig():
+        raise ValueError(f"pass settings either as config= or as keywords, not both (config={config}, keywords={from_keywords})")
+    return config
 
 
 def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[MoELayer]) -> nn.Module:
@@ -210,6 +219,7 @@ def from_pretrained(
     resident_first_layer: bool = False,
     backend: str = "inductor",
     dynamic: bool | None = None,
+    config: ZeroPrefillConfig | None = None,
 ) -> nn.Module:
     """Load a safetensors checkpoint directory with only this rank's expert shards, then ``optimize``.
 
@@ -217,9 +227,9 @@ def from_pretrained(
     """
     from .models.loading import load_sharded
 
-    config = ZeroPrefillConfig(prefetch, resident_first_layer, backend, dynamic)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic)
     group = _default_group(group)
-    model, layers = load_sharded(path, group, dtype=dtype, resident_first_layer=resident_first_layer)
+    model, layers = load_sharded(path, group, dtype=dtype, resident_first_layer=config.resident_first_layer)
     return _compile(model, group, config, layers)
 
 

@@ -225,10 +225,14 @@ class _Reader:
         return out
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a checkpoint tensor in place: a persistent buffer stays a buffer, a parameter a parameter."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
 def load_sharded(
@@ -258,16 +262,18 @@ def load_sharded(
     reader = _Reader(entries)
     if reader_log is not None:
         reader.log = reader_log
-    target_dtype = next(model.parameters()).dtype
+    # Each tensor takes the dtype its (meta) parameter was built with: the requested dtype, except
+    # where the model keeps a module in fp32 (transformers' _keep_in_fp32_modules).
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
 
     for name, plan in plans.items():
         if not plan.is_expert:
-            _set_param(model, name, reader.whole(plan).to(target_dtype))
+            _set_tensor(model, name, reader.whole(plan).to(dtypes[name]))
 
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
     for layer in layers:
-        _load_layer(model, layer, plans, reader, target_dtype, group, world_size, rank, resident_first_layer)
+        _load_layer(model, layer, plans, reader, dtypes, group, world_size, rank, resident_first_layer)
 
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
@@ -276,7 +282,7 @@ def load_sharded(
     return model.eval(), layers
 
 
-def _load_layer(model, layer: MoELayer, plans, reader, dtype, group, world_size, rank, resident_first_layer):
+def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size, rank, resident_first_layer):
     names = [f"{layer.path}.{p}" for p in layer.expert_params]
     missing = [n for n in names if n not in plans]
     if missing:
@@ -286,12 +292,12 @@ def _load_layer(model, layer: MoELayer, plans, reader, dtype, group, world_size,
     # [shard_size, ...] zero-padded; the owned rows are read into it directly (no full bank, no copy).
     shards = {
         short: reader.expert_rows(
-            plans[name], plan.start, plan.stop, torch.zeros((plan.shard_size, *plans[name].shape[1:]), dtype=dtype)
+            plans[name], plan.start, plan.stop, torch.zeros((plan.shard_size, *plans[name].shape[1:]), dtype=dtypes[name])
         )
         for short, name in zip(layer.expert_params, names)
     }
     if whole:
         for name, short in zip(names, layer.expert_params):
-            _set_param(model, name, shards[short])
+            _set_tensor(model, name, shards[short])
     else:
         install_shards(layer, shards, gather_spec(layer, group))
