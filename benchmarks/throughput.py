@@ -1,0 +1,124 @@
+"""Prefill throughput of AsyncEP against transformers' TP and EP and a full replica per rank.
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/throughput.py --json out.json
+
+Same checkpoint, same requests, same ranks, one run. Each strategy loads the checkpoint its own way:
+- asyncep: zp_compile.from_pretrained (1/N of each expert bank per rank, gathers one layer ahead);
+- replica: a full copy per rank, no communication (torch.compile'd): the limit AsyncEP approaches;
+- tp: transformers' tensor parallelism, from_pretrained(tp_plan="auto");
+- ep: transformers' expert parallelism with all_to_all dispatch,
+  DistributedConfig(fsdp_size=N, ep_size=N, ep_implementation="all_to_all") (eager, under no_grad:
+  it fails under inference_mode and does not compile).
+For every tokens-per-rank setting, each rank scores its own batch of ``tokens // context`` sequences of
+``context`` tokens; a step ends when the slowest rank finishes (the ranks run in lockstep), and tokens/s
+counts every rank's tokens. Output length is 1 (prefill only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# The model shape of the project's reference figures (NOTES): 82M parameters, 25 MB of experts per
+# layer in bf16, big enough that the gather is not trivial against compute on this CPU.
+MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
+
+
+def checkpoint(rank: int) -> Path:
+    from zp_compile.models.tiny import tiny
+
+    path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m"))
+    if rank == 0 and not (path / "model.safetensors").exists():
+        tiny("qwen3_moe", path, dtype=torch.bfloat16, head_dim=64, intermediate_size=1024, **MODEL)
+    dist.barrier()
+    return path
+
+
+def load(strategy: str, path: Path, backend: str):
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    if strategy == "asyncep":
+        return zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend), torch.inference_mode
+    if strategy == "replica":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        return (torch.compile(model) if backend == "inductor" else model), torch.inference_mode
+    if strategy == "tp":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, tp_plan="auto").eval()
+        return model, torch.no_grad
+    if strategy == "ep":
+        from transformers.distributed import DistributedConfig
+
+        world = dist.get_world_size()
+        config = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation="all_to_all")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, distributed_config=config).eval()
+        return model, torch.no_grad
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def resident_bytes() -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+
+
+def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int) -> float:
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(3, vocab, (max(1, tokens // context), context), generator=g)
+    with grad_ctx():
+        model(input_ids=ids)  # compile / warm up this shape
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=ids)
+        dist.barrier()
+        elapsed = time.perf_counter() - start
+    return ids.numel() * dist.get_world_size() * steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategies", default="asyncep,replica,tp,ep")
+    parser.add_argument("--tokens", default="512,1024,2048,4096", help="tokens per rank per step")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = checkpoint(rank)
+    results = []
+    for strategy in args.strategies.split(","):
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")
+        model, grad_ctx = load(strategy, path, args.backend)
+        for tokens in map(int, args.tokens.split(",")):
+            tok_s = bench(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"])
+            _, peak = resident_bytes()
+            row = {"strategy": strategy, "tokens_per_rank": tokens, "context": args.context, "tok_s": tok_s, "peak_rss": peak}
+            peaks = [None] * world
+            dist.all_gather_object(peaks, peak)
+            row["peak_rss_max"] = max(peaks)
+            results.append(row)
+            if rank == 0:
+                print(f"{strategy:<8} tokens/rank {tokens:>6}  {tok_s:>9.0f} tok/s  peak RSS {max(peaks) / 2**20:.0f} MiB", flush=True)
+        del model
+        torch._dynamo.reset()
+    if rank == 0 and args.json:
+        args.json.write_text(json.dumps({"world_size": world, "model": MODEL, "results": results}, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
