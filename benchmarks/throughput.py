@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/throughput.py --json out.json
 
 Same checkpoint, same requests, same ranks, one run. Each strategy loads the checkpoint its own way:
-- asyncep: zp_compile.from_pretrained (1/N of each expert bank per rank, gathers one layer ahead);
+- asyncep: zp_compile.from_pretrained (1/N of each expert bank per rank, gathers one layer ahead over
+  gloo); asyncep-shm: the same with transport="shm" (ranks on one host: shards in shared memory,
+  a gather is a memcpy);
 - replica: a full copy per rank, no communication (torch.compile'd): the limit AsyncEP approaches;
 - tp: transformers' tensor parallelism, from_pretrained(tp_plan="auto");
 - ep: transformers' expert parallelism with all_to_all dispatch,
@@ -46,8 +48,10 @@ def load(strategy: str, path: Path, backend: str):
 
     import zp_compile
 
-    if strategy == "asyncep":
-        return zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend), torch.inference_mode
+    if strategy in ("asyncep", "asyncep-shm"):
+        transport = "shm" if strategy == "asyncep-shm" else "collective"
+        model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend, transport=transport)
+        return model, torch.inference_mode
     if strategy == "replica":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         return (torch.compile(model) if backend == "inductor" else model), torch.inference_mode
@@ -86,7 +90,7 @@ def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategies", default="asyncep,replica,tp,ep")
+    parser.add_argument("--strategies", default="asyncep,asyncep-shm,replica,tp,ep")
     parser.add_argument("--tokens", default="512,1024,2048,4096", help="tokens per rank per step")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from dist_utils import run_ranks
-from workers import bf16_against_stock_compile, inductor_code
+from workers import bf16_against_stock_compile, inductor_code, shm_transport
 
 pytestmark = pytest.mark.inductor
 
@@ -79,3 +79,10 @@ def test_bf16_error_is_that_of_stock_compile(checkpoints):
     path = str(checkpoints("qwen3_moe", layers=3, num_experts=6))
     for r in run_ranks(2, bf16_against_stock_compile, path):
         assert r["ours_vs_fp32"] <= r["stock_vs_fp32"] + 0.05, r
+
+
+def test_shared_memory_transport_under_inductor(checkpoints):
+    path = str(checkpoints("qwen3_moe", layers=3, num_experts=5))
+    for r in run_ranks(2, shm_transport, path, "inductor"):
+        assert r["max_abs_diff"] <= 1e-4, r
+        assert r["shm_gathers"] == r["expected_gathers"] > 0 and r["collectives"] == 0, r

@@ -7,7 +7,7 @@ import pytest
 from zp_compile.models.tiny import VERIFIED_FAMILIES
 
 from dist_utils import run_ranks
-from workers import max_logit_error
+from workers import max_logit_error, shm_transport
 
 FP32_TOL = 1e-4
 
@@ -52,3 +52,13 @@ def test_wrong_shards_are_detected(checkpoints):
     for rank_results in run_ranks(2, max_logit_error, path, [{"prefetch": 1, "corrupt_shards": True}]):
         for r in rank_results:
             assert r["max_abs_diff"] > 1e-2, r
+
+
+@pytest.mark.parametrize("world_size, family", [(2, "qwen3_moe"), (3, "gpt_oss")])
+def test_shared_memory_transport(checkpoints, world_size, family):
+    """transport="shm": one copy out of shared memory per expert tensor, no collective in the graph."""
+    path = str(checkpoints(family, layers=3, num_experts=5))
+    for r in run_ranks(world_size, shm_transport, path, "aot_eager"):
+        assert r["max_abs_diff"] <= FP32_TOL, r
+        assert r["shm_gathers"] == r["expected_gathers"] > 0 and r["collectives"] == 0, r
+        assert r["empty_shape"][1] == 0

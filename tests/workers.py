@@ -183,3 +183,33 @@ def bf16_against_stock_compile(rank: int, world_size: int, path: str) -> dict:
         "ours_vs_fp32": (ours - expected)[valid].abs().max().item(),
         "stock_vs_fp32": (stock - expected)[valid].abs().max().item(),
     }
+
+
+def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
+    """transport="shm": logits, and what the compiled graph gathers with."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+    from zp_compile.passes.predicates import is_all_gather, is_shm_gather
+
+    from dist_utils import captured_graphs
+
+    torch._dynamo.reset()
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = padded_batch(rank, ref.config.vocab_size)
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    with captured_graphs() as graphs:
+        model = zp_compile.from_pretrained(path, backend=backend, transport="shm")
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=mask).logits
+            empty = model(input_ids=ids[:, :0], attention_mask=mask[:, :0]).logits  # no peer needed
+    valid = mask.bool()
+    return {
+        "max_abs_diff": (got - expected)[valid].abs().max().item(),
+        "shm_gathers": sum(is_shm_gather(n) for g in graphs for n in g.nodes),
+        "collectives": sum(is_all_gather(n) for g in graphs for n in g.nodes),
+        "expected_gathers": sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers),
+        "expert_bytes": model.zero_prefill.expert_bytes,
+        "empty_shape": list(empty.shape),
+    }

@@ -13,12 +13,13 @@ from torch import nn
 
 from .backend import INNER_BACKENDS, zero_prefill_backend
 from .models.discovery import MoELayer, find_moe_layers
-from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer
+from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer, use_shared_memory
 from .models.transformers_ep import adopt_transformers_ep, uses_transformers_ep
 
 log = logging.getLogger(__name__)
 
 BACKENDS = (*INNER_BACKENDS, "eager")
+TRANSPORTS = ("collective", "shm")
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,24 @@ class ZeroPrefillConfig:
     backend: "inductor" (default), "aot_eager" (passes, then eager ATen: fast to compile) or "eager"
         (no compile: each read of an expert bank is a blocking gather).
     dynamic: passed to torch.compile (None: specialise first, then generalise on a new shape).
+    transport: "collective" (all-gather over the process group: NCCL on GPUs, gloo on CPU) or "shm"
+        (ranks on one host: shards in POSIX shared memory, set up once; a gather is a memcpy from it,
+        with no collective at run time. See ``zp_compile.transport``).
     """
 
     prefetch: int = 1
     resident_first_layer: bool = False
     backend: str = "inductor"
     dynamic: bool | None = None
+    transport: str = "collective"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0 (0 = gather then use), got {self.prefetch!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
 PRESETS = {
@@ -62,6 +69,7 @@ class ZeroPrefillState:
     rank: int
     layers: list[MoELayer] = field(repr=False)
     expert_bytes: int  # expert weights this rank holds after sharding
+    exchange: Any = None  # the shared-memory exchange when transport="shm"
 
     @property
     def sharded_layers(self) -> list[MoELayer]:
@@ -145,6 +153,7 @@ def optimize(
     resident_first_layer: bool = False,
     backend: str = "inductor",
     dynamic: bool | None = None,
+    transport: str = "collective",
     config: ZeroPrefillConfig | None = None,
 ) -> nn.Module:
     """Shard ``model``'s experts over ``group`` (default: the world, or a world of one without an
@@ -153,7 +162,7 @@ def optimize(
     The model keeps its class and is called as before; each rank passes its own batch. All ranks must
     call every forward together (each forward is a sequence of collectives).
     """
-    config = _settings(config, prefetch, resident_first_layer, backend, dynamic)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport)
     if hasattr(model, "zero_prefill"):
         raise RuntimeError(f"{type(model).__name__} is already optimized by zp_compile")
     if uses_transformers_ep(model):
@@ -181,7 +190,10 @@ def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[Mo
     _use_traceable_experts(model)
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
-    state = ZeroPrefillState(config, group, world_size, rank, layers, expert_bytes(layers))
+    exchange = None
+    if config.transport == "shm" and world_size > 1:
+        exchange = use_shared_memory(layers, group)  # collective, once
+    state = ZeroPrefillState(config, group, world_size, rank, layers, expert_bytes(layers), exchange)
     model.zero_prefill = state
     forward = model.forward
     compiled = (
@@ -193,7 +205,8 @@ def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[Mo
     def zero_prefill_forward(*args, **kwargs):
         _check_prefill_only(model, args, kwargs)
         if _num_tokens(args, kwargs) == 0:
-            participate_without_tokens(state)
+            if state.exchange is None:  # shared memory needs no one's participation
+                participate_without_tokens(state)
             return _empty_output(model, args, kwargs)
         return compiled(*args, **kwargs)
 
@@ -219,6 +232,7 @@ def from_pretrained(
     resident_first_layer: bool = False,
     backend: str = "inductor",
     dynamic: bool | None = None,
+    transport: str = "collective",
     config: ZeroPrefillConfig | None = None,
 ) -> nn.Module:
     """Load a safetensors checkpoint directory with only this rank's expert shards, then ``optimize``.
@@ -227,7 +241,7 @@ def from_pretrained(
     """
     from .models.loading import load_sharded
 
-    config = _settings(config, prefetch, resident_first_layer, backend, dynamic)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport)
     group = _default_group(group)
     model, layers = load_sharded(path, group, dtype=dtype, resident_first_layer=config.resident_first_layer)
     return _compile(model, group, config, layers)

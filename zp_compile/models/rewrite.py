@@ -10,6 +10,7 @@ nothing of graphs and the model code knows nothing of ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class GatherSpec:
     group_name: str
     layer: int
     slots: tuple[str, ...]  # expert parameter names; position = slot, the per-layer gather order
+    exchange_id: str = ""  # a shared-memory exchange (zp_compile.transport) instead of collectives
 
 
 def _gathered(name: str):
@@ -44,6 +46,7 @@ def _gathered(name: str):
             spec.group_name,
             spec.layer,
             spec.slots.index(name),
+            spec.exchange_id,
         )
 
     return property(get, doc=f"Full [E, ...] '{name}', gathered from every rank's '{name}{SHARD_SUFFIX}'.")
@@ -80,6 +83,26 @@ def shard_layer(layer: MoELayer, group: torch.distributed.ProcessGroup) -> None:
     plan = ExpertShard(layer.num_experts, group.size(), group.rank())
     shards = {name: shard_rows(getattr(layer.module, name).detach(), plan) for name in layer.expert_params}
     install_shards(layer, shards, gather_spec(layer, group))
+
+
+def use_shared_memory(layers: list[MoELayer], group: torch.distributed.ProcessGroup):
+    """Collective: put every sharded layer's shards in one shared-memory exchange (ranks on one host),
+    point the gathers at it and keep this rank's rows from the segment (no second private copy)."""
+    from ..transport import ShmExpertExchange
+
+    sharded = [layer for layer in layers if is_sharded(layer.module)]
+    shards = {
+        (layer.index, slot): getattr(layer.module, name + SHARD_SUFFIX)
+        for layer in sharded
+        for slot, name in enumerate(layer.expert_params)
+    }
+    exchange = ShmExpertExchange.create(group, {k: v.detach() for k, v in shards.items()})
+    for layer in sharded:
+        module = layer.module
+        module._zp_gather = dataclasses.replace(module._zp_gather, exchange_id=exchange.exchange_id)
+        for slot, name in enumerate(layer.expert_params):
+            module._parameters[name + SHARD_SUFFIX] = nn.Parameter(exchange.local((layer.index, slot)), requires_grad=False)
+    return exchange
 
 
 def is_sharded(module: nn.Module) -> bool:

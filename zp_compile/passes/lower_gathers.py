@@ -1,6 +1,8 @@
 """Pass: lower every ``zp_compile::gather_experts`` marker to functional collectives.
 
 marker(shard [S, ...]) -> all_gather_into_tensor [N*S, ...] -> wait_tensor -> narrow to [E, ...]
+or, with a shared-memory exchange (``zp_compile.transport``):
+marker(shard [S, ...]) -> shm_gather [N*S, ...] (a memcpy, no collective) -> narrow to [E, ...]
 
 Markers for the same (layer, slot) are merged first (a module that reads its expert tensor twice must
 not gather it twice). The lowered nodes are placed where the marker was; ``schedule_prefetch`` moves
@@ -27,6 +29,11 @@ def _gather_full(
     return (unshard_rows(gathered, num_experts),)  # [E, ...]
 
 
+def _copy_full(shard: torch.Tensor, *, num_experts: int, exchange_id: str, layer: int, slot: int) -> tuple[torch.Tensor]:
+    gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)  # [N*S, ...], a memcpy
+    return (unshard_rows(gathered, num_experts),)  # [E, ...]
+
+
 def merge_duplicate_markers(graph: Graph) -> None:
     first: dict[tuple[int, int], torch.fx.Node] = {}
     for node in list(graph.nodes):
@@ -47,8 +54,11 @@ def lower_expert_gathers(graph: Graph) -> None:
     for marker in list(graph.nodes):
         if not is_expert_gather_marker(marker):
             continue
-        shard, num_experts, group_size, group_name, layer, slot = marker.args
-        fn = functools.partial(_gather_full, num_experts=num_experts, group_size=group_size, group_name=group_name)
+        shard, num_experts, group_size, group_name, layer, slot, exchange_id = marker.args
+        if exchange_id:  # shared memory on one host: a synchronous copy, no collective
+            fn = functools.partial(_copy_full, num_experts=num_experts, exchange_id=exchange_id, layer=layer, slot=slot)
+        else:
+            fn = functools.partial(_gather_full, num_experts=num_experts, group_size=group_size, group_name=group_name)
         _, new_nodes = _insert_fn_trace_before_node(graph, fn, [shard.meta["val"]], marker, [shard], [marker])
         for node in new_nodes:
             node.meta.update({k: v for k, v in marker.meta.items() if k in ("nn_module_stack", "stack_trace")})

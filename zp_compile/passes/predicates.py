@@ -17,6 +17,11 @@ def is_all_gather(node: Node) -> bool:
     return node.op == "call_function" and node.target is _c10d.all_gather_into_tensor.default
 
 
+def is_shm_gather(node: Node) -> bool:
+    """``zp_compile::shm_gather``: a synchronous copy of every rank's rows out of shared memory."""
+    return node.op == "call_function" and str(node.target) == "zp_compile.shm_gather.default"
+
+
 def is_wait(node: Node) -> bool:
     return node.op == "call_function" and node.target is _c10d.wait_tensor.default
 
@@ -37,7 +42,7 @@ def is_view(node: Node) -> bool:
 def is_compute(node: Node) -> bool:
     """A node that does work at run time (not an input, constant, output or collective plumbing)."""
     return node.op in ("call_function", "call_method", "call_module") and not (
-        is_all_gather(node) or is_wait(node) or is_expert_gather_marker(node)
+        is_all_gather(node) or is_wait(node) or is_expert_gather_marker(node) or is_shm_gather(node)
     )
 
 

@@ -13,6 +13,9 @@ Placement, with gathered MoE layers numbered k = 0, 1, ... in ascending layer or
 So while layer k's experts run, layers k+1 .. k+d are in flight: at most d + 1 gathered layers are
 alive at any node.
 
+Shared-memory copies (``shm_gather``) are synchronous and need no peer: each goes just before its
+layer's first read, in the same (layer, slot) order.
+
 Invariant (deadlock freedom): placement depends only on graph structure and the (layer, slot) keys,
 never on timing or rank, and the resulting gather order is ascending (layer, slot) on every rank;
 the pass checks this and raises otherwise.
@@ -24,7 +27,7 @@ from collections import defaultdict
 
 from torch.fx import Graph, Node
 
-from .predicates import expert_gather_key, is_all_gather, is_compute, is_view
+from .predicates import expert_gather_key, is_all_gather, is_compute, is_shm_gather, is_view
 
 
 def _chains(graph: Graph) -> dict[int, dict[int, list[Node]]]:
@@ -36,7 +39,7 @@ def _chains(graph: Graph) -> dict[int, dict[int, list[Node]]]:
             chains[key[0]][key[1]].append(node)
     for layer, slots in chains.items():
         for slot, nodes in slots.items():
-            if not is_all_gather(nodes[0]):
+            if not (is_all_gather(nodes[0]) or is_shm_gather(nodes[0])):
                 raise RuntimeError(f"expert gather ({layer}, {slot}) is not lowered: run lower_expert_gathers first")
     return chains
 
@@ -118,6 +121,19 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
     # 3. Gathers, in ascending (layer, slot) order. Each records what it must follow (the readers of
     #    the layer whose buffers it replaces) and precede (its anchor), for ``pin_gather_order``.
     for k, layer in enumerate(layers):
+        synchronous = any(is_shm_gather(nodes[0]) for nodes in chains[layer].values())
+        if synchronous and layer not in first_read:
+            continue
+        if synchronous:
+            # A shared-memory copy is synchronous: issuing it early hides nothing and holds the buffer
+            # longer, so it goes just before the layer's first read, whatever the prefetch depth.
+            target = min(
+                (nodes[1] if len(nodes) > 1 else first_read[layer] for nodes in chains[layer].values()),
+                key=pos.__getitem__,
+            )
+            for slot in sorted(chains[layer]):
+                target.prepend(chains[layer][slot][0])
+            continue
         if prefetch == 0:
             target = min((chains[layer][s][1] for s in chains[layer]), key=pos.__getitem__)
             after = _consumers(chains[layers[k - 1]]) if k >= 1 else []
@@ -130,7 +146,9 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
             gather.meta["zp_issue_after"] = after
             gather.meta["zp_issue_before"] = target
 
-    issued = [expert_gather_key(n) for n in graph.nodes if is_all_gather(n) and expert_gather_key(n) is not None]
+    issued = [
+        expert_gather_key(n) for n in graph.nodes if (is_all_gather(n) or is_shm_gather(n)) and expert_gather_key(n) is not None
+    ]
     if issued != sorted(issued):
         raise RuntimeError(f"expert gathers would be issued out of (layer, slot) order: {issued}")
     graph.lint()
