@@ -13,7 +13,12 @@ Same checkpoint, same requests, same ranks, one run. Each strategy loads the che
   it fails under inference_mode and does not compile).
 For every tokens-per-rank setting, each rank scores its own batch of ``tokens // context`` sequences of
 ``context`` tokens; a step ends when the slowest rank finishes (the ranks run in lockstep), and tokens/s
-counts every rank's tokens. Output length is 1 (prefill only).
+counts every rank's tokens. Tensor parallelism is the exception: its ranks compute one batch together,
+so every TP rank gets the same batch of N x ``tokens`` tokens and those are counted once. Output length
+is 1 (prefill only).
+
+Run one strategy per process (``--strategies asyncep``) for clean peak-memory figures; ``--json``
+appends to the file.
 """
 
 from __future__ import annotations
@@ -73,10 +78,14 @@ def resident_bytes() -> tuple[int, int]:
     return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
 
 
-def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int) -> float:
-    rank = dist.get_rank()
-    g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(3, vocab, (max(1, tokens // context), context), generator=g)
+def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if shared_batch:  # TP: all ranks hold the same N x tokens batch, computed once
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, vocab, (world * max(1, tokens // context), context), generator=g)
+    else:
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.randint(3, vocab, (max(1, tokens // context), context), generator=g)
     with grad_ctx():
         model(input_ids=ids)  # compile / warm up this shape
         dist.barrier()
@@ -85,7 +94,7 @@ def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int) ->
             model(input_ids=ids)
         dist.barrier()
         elapsed = time.perf_counter() - start
-    return ids.numel() * dist.get_world_size() * steps / elapsed
+    return ids.numel() * (1 if shared_batch else world) * steps / elapsed
 
 
 def main() -> None:
@@ -108,7 +117,7 @@ def main() -> None:
         Path("/proc/self/clear_refs").write_text("5")
         model, grad_ctx = load(strategy, path, args.backend)
         for tokens in map(int, args.tokens.split(",")):
-            tok_s = bench(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"])
+            tok_s = bench(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
             _, peak = resident_bytes()
             row = {"strategy": strategy, "tokens_per_rank": tokens, "context": args.context, "tok_s": tok_s, "peak_rss": peak}
             peaks = [None] * world
@@ -120,7 +129,8 @@ def main() -> None:
         del model
         torch._dynamo.reset()
     if rank == 0 and args.json:
-        args.json.write_text(json.dumps({"world_size": world, "model": MODEL, "results": results}, indent=1))
+        old = json.loads(args.json.read_text())["results"] if args.json.exists() else []
+        args.json.write_text(json.dumps({"world_size": world, "model": MODEL, "results": old + results}, indent=1))
     dist.destroy_process_group()
 
 

@@ -121,30 +121,24 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
     # 3. Gathers, in ascending (layer, slot) order. Each records what it must follow (the readers of
     #    the layer whose buffers it replaces) and precede (its anchor), for ``pin_gather_order``.
     for k, layer in enumerate(layers):
+        if layer not in first_read:
+            continue  # nothing reads this layer's weights
+        # A shared-memory copy is synchronous: issuing it early hides nothing and holds the buffer
+        # longer, so it is gather-then-use whatever the prefetch depth.
         synchronous = any(is_shm_gather(nodes[0]) for nodes in chains[layer].values())
-        if synchronous and layer not in first_read:
-            continue
-        if synchronous:
-            # A shared-memory copy is synchronous: issuing it early hides nothing and holds the buffer
-            # longer, so it goes just before the layer's first read, whatever the prefetch depth.
-            target = min(
-                (nodes[1] if len(nodes) > 1 else first_read[layer] for nodes in chains[layer].values()),
-                key=pos.__getitem__,
-            )
-            for slot in sorted(chains[layer]):
-                target.prepend(chains[layer][slot][0])
-            continue
-        if prefetch == 0:
-            target = min((chains[layer][s][1] for s in chains[layer]), key=pos.__getitem__)
-            after = _consumers(chains[layers[k - 1]]) if k >= 1 else []
+        if synchronous or prefetch == 0:
+            tails = [nodes[1] if len(nodes) > 1 else first_read[layer] for nodes in chains[layer].values()]
+            target = min(tails, key=pos.__getitem__)
+            after = _consumers(chains[layers[k - 1]]) if k >= 1 and not synchronous else []
         else:
             target = anchor[k - prefetch] if k - prefetch >= 1 else start
             after = _consumers(chains[layers[k - prefetch - 1]]) if k - prefetch >= 1 else []
         for slot in sorted(chains[layer]):
             gather = chains[layer][slot][0]
             target.prepend(gather)
-            gather.meta["zp_issue_after"] = after
-            gather.meta["zp_issue_before"] = target
+            if not synchronous:
+                gather.meta["zp_issue_after"] = after
+                gather.meta["zp_issue_before"] = target
 
     issued = [
         expert_gather_key(n) for n in graph.nodes if (is_all_gather(n) or is_shm_gather(n)) and expert_gather_key(n) is not None
