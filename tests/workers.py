@@ -213,3 +213,12 @@ def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
         "expert_bytes": model.zero_prefill.expert_bytes,
         "empty_shape": list(empty.shape),
     }
+
+
+def measured_threshold(rank: int, world_size: int, path: str, transport: str) -> dict:
+    import dataclasses
+
+    import zp_compile
+
+    model = zp_compile.from_pretrained(path, backend="eager", transport=transport)
+    return dataclasses.asdict(zp_compile.saturation_threshold(model, context=256, reps=2))

@@ -489,14 +489,22 @@ class Threshold:
     hide_tokens: float  # tokens per GPU above which the performance model hides the gather (at efficiency)
 
 
+def threshold_at(m: ModelSpec, t_gather: float, peak_flops: float, gamma: float, context: int) -> tuple[float, float, float]:
+    """T* = t_gather * F_peak * gamma FLOPs per GPU for one MoE layer; the tokens per GPU at which the
+    thinnest MoE layer's FLOPs reach it (requests of ``context`` tokens); those tokens' FLOPs through the
+    whole model (what the router compares with ``flops_per_request``)."""
+    thinnest = min(layer_flops(m, i, context).total / context for i in m.moe_layers)
+    T = t_gather * peak_flops * gamma
+    tokens = T / thinnest
+    return T, tokens, tokens * flops_per_request(m, context) / context
+
+
 def saturation_threshold(m: ModelSpec, hw: Hardware, s: PlanSettings, offloaded_layers: int = 0) -> Threshold:
     t = gather_s(m, hw, s, offloaded=offloaded_layers > 0)
+    T, tokens, per_step = threshold_at(m, t, hw.peak_flops, s.gamma, s.context)
     per_token = [layer_flops(m, i, s.context).scaled(1 / s.context) for i in m.moe_layers]
-    thinnest = min(f.total for f in per_token)
-    T = t * hw.peak_flops * s.gamma
-    tokens = T / thinnest
     fastest = min(_compute_s(f, hw, replace(s, efficiency=1.0)) for f in per_token)  # seconds per token at peak
-    return Threshold(t, T, tokens, tokens * flops_per_request(m, s.context) / s.context, t * s.efficiency / fastest if t else 0.0)
+    return Threshold(t, T, tokens, per_step, t * s.efficiency / fastest if t else 0.0)
 
 
 @dataclass(frozen=True)

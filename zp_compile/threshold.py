@@ -1,0 +1,81 @@
+"""The saturation threshold, measured at start-up on the machine that serves.
+
+T = t_gather * F_peak * gamma (the paper's rule): the FLOPs a rank must spend on one MoE layer for the
+gather of the next layer's expert bank to hide behind it. t_gather is the slowest layer's gather timed
+through the model's own transport (collective or shared memory); F_peak is a matmul of the model's
+dtype, shaped like one expert, timed on this device. Every rank measures and the ranks agree on the
+worst case (max t_gather, min F_peak), so every rank's scheduler sees the same T.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .planner import spec_from_config, threshold_at
+
+
+@dataclass(frozen=True)
+class MeasuredThreshold:
+    t_gather_s: float  # slowest MoE layer's gather, every expert tensor of the layer, worst rank
+    peak_flops: float  # matmul FLOP/s at the model's dtype, slowest rank
+    gamma: float
+    context: int  # request length the token figures assume
+    flops_per_layer: float  # T = t_gather * F_peak * gamma
+    tokens: float  # tokens per rank per step at which the thinnest MoE layer reaches T
+    flops_per_step: float  # those tokens' FLOPs through the whole model, per rank
+
+
+def _median_seconds(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps + 1):  # the first run warms up (allocations, pools)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
+    """Seconds to gather the largest sharded MoE layer, through the model's transport. Collective: call
+    it on every rank of the group (layers are gathered in the same order everywhere)."""
+    layers = model.zero_prefill.sharded_layers
+    if not layers:
+        return 0.0
+    largest = max(layers, key=lambda layer: sum(getattr(layer.module, n + "_shard").numel() for n in layer.expert_params))
+
+    def gather() -> None:
+        for name in largest.expert_params:
+            getattr(largest.module, name)  # the eager gather: all-gather or shared-memory copy
+
+    if model.zero_prefill.group is not None:
+        dist.barrier(model.zero_prefill.group)
+    with torch.inference_mode():
+        return _median_seconds(gather, reps)
+
+
+def measure_peak_flops(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / _median_seconds(lambda: a @ b, reps)
+
+
+def saturation_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 2048, reps: int = 3) -> MeasuredThreshold:
+    """Measure T for an optimized ``model`` (collective over its group: call on every rank)."""
+    if not hasattr(model, "zero_prefill"):
+        raise ValueError(f"{type(model).__name__} is not optimized: call zp_compile.optimize or from_pretrained first")
+    if gamma <= 0 or context <= 0:
+        raise ValueError(f"gamma and context must be positive, got gamma={gamma}, context={context}")
+    t_gather = measure_gather_s(model, reps)
+    peak = measure_peak_flops(model.dtype)
+    group = model.zero_prefill.group
+    if group is not None:
+        worst = torch.tensor([t_gather, -peak], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)  # every rank gets the same T
+        t_gather, peak = worst[0].item(), -worst[1].item()
+    spec = spec_from_config(model.config)
+    T, tokens, per_step = threshold_at(spec, t_gather, peak, gamma, context)
+    return MeasuredThreshold(t_gather, peak, gamma, context, T, tokens, per_step)
