@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import zp_compile
+
 # The model shape of the project's reference figures (NOTES): 82M parameters, 25 MB of experts per
 # layer in bf16, big enough that the gather is not trivial against compute on this CPU.
 MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
@@ -50,8 +52,6 @@ def checkpoint(rank: int) -> Path:
 
 def load(strategy: str, path: Path, backend: str):
     from transformers import AutoModelForCausalLM
-
-    import zp_compile
 
     if strategy in ("asyncep", "asyncep-shm"):
         transport = "shm" if strategy == "asyncep-shm" else "collective"
@@ -71,6 +71,24 @@ def load(strategy: str, path: Path, backend: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, distributed_config=config).eval()
         return model, torch.no_grad
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def bytes_per_layer(strategy: str, tokens: int, world: int) -> float:
+    """Bytes one rank receives per MoE layer per step (analytic; bf16 = 2 bytes).
+
+    AsyncEP: the other ranks' shards of the layer's expert bank (over gloo, or copied out of shared
+    memory: no network). TP: two ring all-reduces of the [N x tokens, hidden] activations. EP: the
+    dispatch and combine all-to-alls of [tokens x top_k, hidden] (the share routed to other ranks).
+    """
+    hidden, experts, width, top_k = MODEL["hidden"], MODEL["num_experts"], MODEL["expert_size"], MODEL["top_k"]
+    bank = experts * 3 * hidden * width * 2
+    if strategy.startswith("asyncep"):
+        return bank * (world - 1) / world
+    if strategy == "tp":
+        return 2 * 2 * (world - 1) / world * world * tokens * hidden * 2
+    if strategy == "ep":
+        return 2 * tokens * top_k * hidden * 2 * (world - 1) / world
+    return 0.0
 
 
 def resident_bytes() -> tuple[int, int]:
@@ -116,10 +134,23 @@ def main() -> None:
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
         model, grad_ctx = load(strategy, path, args.backend)
+        if strategy.startswith("asyncep"):  # the threshold the scheduler would use, measured now
+            threshold = zp_compile.saturation_threshold(model, context=args.context)
+            t_star = {"strategy": strategy, "t_star_tokens": threshold.tokens, "t_gather_s": threshold.t_gather_s}
+            results.append(t_star)
+            if rank == 0:
+                print(f"{strategy:<8} T* = {threshold.tokens:,.0f} tokens per rank (t_gather {threshold.t_gather_s * 1e3:.1f} ms)")
         for tokens in map(int, args.tokens.split(",")):
             tok_s = bench(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
             _, peak = resident_bytes()
-            row = {"strategy": strategy, "tokens_per_rank": tokens, "context": args.context, "tok_s": tok_s, "peak_rss": peak}
+            row = {
+                "strategy": strategy,
+                "tokens_per_rank": tokens,
+                "context": args.context,
+                "tok_s": tok_s,
+                "peak_rss": peak,
+                "bytes_per_layer": bytes_per_layer(strategy, tokens, world),
+            }
             peaks = [None] * world
             dist.all_gather_object(peaks, peak)
             row["peak_rss_max"] = max(peaks)
