@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zp_compile.backend import ZeroPrefillGraphPass, zero_prefill_backend
+from zp_compile.backend import ChainedGraphPass, ZeroPrefillGraphPass, zero_prefill_backend
 
 
 def test_uuid_is_stable_and_depends_on_prefetch():
@@ -32,3 +32,21 @@ def test_user_post_grad_pass_is_kept_and_config_restored(monkeypatch):
         assert inductor_config.post_grad_custom_post_pass is user_pass
     first, ours = seen["passes"]
     assert first is user_pass and isinstance(ours, ZeroPrefillGraphPass) and ours.prefetch == 1
+
+
+def test_chained_pass_for_torch_without_pass_lists():
+    calls = []
+
+    class UserPass(ZeroPrefillGraphPass):
+        def __call__(self, graph):
+            calls.append("user")
+
+    class Ours(ZeroPrefillGraphPass):
+        def __call__(self, graph):
+            calls.append("ours")
+
+    chain = ChainedGraphPass(UserPass(0), Ours(1))
+    chain(torch.fx.Graph())
+    assert calls == ["user", "ours"]
+    assert chain.uuid() == (UserPass(0).uuid(), Ours(1).uuid())
+    assert ChainedGraphPass(lambda graph: None, Ours(1)).uuid() is None  # a plain callable: no caching
