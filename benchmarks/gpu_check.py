@@ -100,7 +100,7 @@ def count_pass_runs() -> list[int]:
 
 
 def build_config(args):
-    from zp_compile.models.tiny import tiny_config
+    from zp_compile.models import tiny_config
 
     if args.tiny:
         return tiny_config("qwen3_moe", layers=2, use_cache=False)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dist_utils import run_ranks  # noqa: E402
 from workers import max_logit_error  # noqa: E402
 
-from zp_compile.models.tiny import VERIFIED_FAMILIES, tiny  # noqa: E402
+from zp_compile.models import VERIFIED_FAMILIES, tiny  # noqa: E402
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, voc
 
 
 def checkpoint(rank: int) -> Path:
-    from zp_compile.models.tiny import tiny
+    from zp_compile.models import tiny
 
     path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m"))
     if rank == 0 and not (path / "model.safetensors").exists():

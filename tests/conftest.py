@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """family -> path of a tiny random checkpoint, built once per session on demand."""
-    from zp_compile.models.tiny import tiny
+    from zp_compile.models import tiny
 
     root = tmp_path_factory.mktemp("ckpt")
     cache: dict = {}

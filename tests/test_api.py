@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zp_compile
-from zp_compile.models.tiny import tiny_config
+from zp_compile.models import tiny_config
 
 from dist_utils import run_ranks
 from workers import empty_batch_on_rank_zero, transformers_ep_adopted

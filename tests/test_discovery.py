@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from zp_compile.models.discovery import UnsupportedModelError, find_moe_layers
-from zp_compile.models.tiny import VERIFIED_FAMILIES, tiny_config
+from zp_compile.models import VERIFIED_FAMILIES, tiny_config
 
 
 def build(family, **overrides):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from zp_compile.models.loading import CheckpointError, checkpoint_index, load_sharded
 from zp_compile.models.rewrite import SHARD_SUFFIX
-from zp_compile.models.tiny import VERIFIED_FAMILIES
+from zp_compile.models import VERIFIED_FAMILIES
 from zp_compile.sharding import ExpertShard
 
 from dist_utils import fake_world, run_ranks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zp_compile.models.tiny import VERIFIED_FAMILIES
+from zp_compile.models import VERIFIED_FAMILIES
 
 from dist_utils import run_ranks
 from workers import max_logit_error, shm_transport

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zp_compile
-from zp_compile.models.tiny import tiny_config
+from zp_compile.models import tiny_config
 
 from dist_utils import captured_graphs, fake_world
 from graph_checks import check_async_ep_graph, decoder_layer

@@ -198,7 +198,7 @@ def test_config_json_maps_like_the_built_model(tmp_path, family, fields):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zp_compile.models.tiny import tiny_config
+    from zp_compile.models import tiny_config
 
     config = tiny_config(family, layers=4, **fields)
     config.save_pretrained(tmp_path)

@@ -31,7 +31,7 @@ def test_unoptimized_model_is_refused():
     from transformers import AutoModelForCausalLM
 
     import zp_compile
-    from zp_compile.models.tiny import tiny_config
+    from zp_compile.models import tiny_config
 
     with pytest.raises(ValueError, match="not optimized"):
         zp_compile.saturation_threshold(AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")))

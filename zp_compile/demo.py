@@ -20,7 +20,7 @@ DEFAULT = {"family": "qwen3_moe", "layers": 4, "num_experts": 16, "hidden": 128,
 
 def default_checkpoint() -> Path:
     """The demo checkpoint, built once (deterministic seed) under the user's cache directory."""
-    from .models.tiny import tiny
+    from .models import tiny
 
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zp-compile"
     path = root / "demo-{family}-L{layers}-E{num_experts}-H{hidden}".format(**DEFAULT)
