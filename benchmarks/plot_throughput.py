@@ -17,8 +17,8 @@ LABELS = {
     "asyncep": "AsyncEP (gloo all_gather)",
     "asyncep-shm": "AsyncEP (shared memory)",
     "replica": "full replica per rank",
-    "tp": "transformers TP",
-    "ep": "transformers EP (all_to_all)",
+    "tp": "transformers TP (compiled)",
+    "ep": "transformers EP, all_to_all (compiled)",
 }
 
 
