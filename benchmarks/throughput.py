@@ -98,6 +98,60 @@ def resident_bytes() -> tuple[int, int]:
     return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
 
 
+def mix_batches(tokens: int, steps: int, context: int, vocab: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` right-padded [B, T] batches of the paper-like mix, each filled up to ``tokens`` real
+    tokens in arrival order (a request longer than the budget fills a step alone)."""
+    from zp_compile.workloads import paper_mix
+
+    requests = iter(paper_mix(steps * max(4, tokens // 64), seed=seed, vocab=vocab, max_context=context))
+    batches, pending = [], None
+    for _ in range(steps):
+        chosen, used = [], 0
+        while True:
+            r = pending or next(requests)
+            pending = None
+            if chosen and used + len(r) > tokens:
+                pending = r
+                break
+            chosen.append(r)
+            used += len(r)
+        width = max(len(r) for r in chosen)
+        ids = torch.zeros(len(chosen), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chosen):
+            ids[i, : len(r)] = torch.tensor(r.token_ids)
+            mask[i, : len(r)] = 1
+        batches.append((ids, mask))
+    return batches
+
+
+def bench_mix(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
+    """tokens/s of real (unpadded) tokens over ``steps`` different mix batches, after one warm-up pass."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if shared_batch:  # TP: every rank runs the union of all ranks' batches
+        per_rank = [mix_batches(tokens, steps, context, vocab, seed=r) for r in range(world)]
+        batches = []
+        for step in zip(*per_rank):
+            width = max(ids.shape[1] for ids, _ in step)
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+            batches.append((torch.cat([pad(ids) for ids, _ in step]), torch.cat([pad(m) for _, m in step])))
+    else:
+        batches = mix_batches(tokens, steps, context, vocab, seed=rank)
+    with grad_ctx():
+        for ids, mask in batches:  # compile / warm up every shape
+            model(input_ids=ids, attention_mask=mask)
+        dist.barrier()
+        start = time.perf_counter()
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+        dist.barrier()
+        elapsed = time.perf_counter() - start
+    real = torch.tensor([float(sum(m.sum() for _, m in batches))])
+    if not shared_batch:
+        dist.all_reduce(real)
+    return real.item() / elapsed
+
+
 def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     if shared_batch:  # TP: all ranks hold the same N x tokens batch, computed once
@@ -124,6 +178,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    parser.add_argument("--workload", default="random", choices=["random", "mix"],
+                        help="random: sequences of --context tokens; mix: the paper-like mix (zp_compile.workloads), "
+                        "prompts clipped to --context, steps filled up to --tokens real tokens per rank")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -143,10 +200,12 @@ def main() -> None:
             if rank == 0:
                 print(f"{strategy:<8} T* = {threshold.tokens:,.0f} tokens per rank (t_gather {threshold.t_gather_s * 1e3:.1f} ms)")
         for tokens in map(int, args.tokens.split(",")):
-            tok_s = bench(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
+            run = bench_mix if args.workload == "mix" else bench
+            tok_s = run(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
             _, peak = resident_bytes()
             row = {
                 "strategy": strategy,
+                "workload": args.workload,
                 "tokens_per_rank": tokens,
                 "context": args.context,
                 "tok_s": tok_s,
