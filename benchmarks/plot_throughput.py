@@ -26,15 +26,17 @@ def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = [r for r in data["results"] if "tok_s" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    marks = []
     for strategy, label in LABELS.items():
         points = sorted((r["tokens_per_rank"], r["tok_s"]) for r in rows if r["strategy"] == strategy)
         if points:
             line = ax.plot(*zip(*points), marker="o", label=label)[0]
-            for r in data["results"]:
-                if r.get("strategy") == strategy and "t_star_tokens" in r:
-                    ax.axvline(r["t_star_tokens"], color=line.get_color(), linestyle="--", linewidth=1)
-                    ax.annotate(f"T* {r['t_star_tokens']:,.0f}", (r["t_star_tokens"], ax.get_ylim()[0]),
-                                color=line.get_color(), rotation=90, va="bottom", ha="right", fontsize=8)
+            marks += [(r["t_star_tokens"], line.get_color()) for r in data["results"]
+                      if r.get("strategy") == strategy and "t_star_tokens" in r]
+    top = ax.get_ylim()[1]  # after every line: the final scale
+    for t_star, color in marks:
+        ax.axvline(t_star, color=color, linestyle="--", linewidth=1)
+        ax.annotate(f"T* {t_star:,.0f}", (t_star, top), color=color, rotation=90, va="top", ha="right", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per rank per step")
     ax.set_ylabel("tokens/s (all ranks)")
