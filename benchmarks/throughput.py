@@ -99,28 +99,36 @@ def resident_bytes() -> tuple[int, int]:
 
 
 def mix_batches(tokens: int, steps: int, context: int, vocab: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` right-padded [B, T] batches of the paper-like mix, each filled up to ``tokens`` real
-    tokens in arrival order (a request longer than the budget fills a step alone)."""
+    """Right-padded [B, T] batches holding the first requests of the paper-like mix that add up to
+    ``steps`` x ``tokens`` real tokens, each batch up to ``tokens`` real tokens (so about ``steps``
+    batches, a few more where lengths do not pack evenly).
+
+    A Hugging Face forward pads every sequence of a batch to the longest, so the requests are bucketed
+    by length (sorted) before packing, as a length-aware batcher would; a request longer than the
+    budget fills a batch alone.
+    """
     from zp_compile.workloads import paper_mix
 
-    requests = iter(paper_mix(steps * max(4, tokens // 64), seed=seed, vocab=vocab, max_context=context))
-    batches, pending = [], None
-    for _ in range(steps):
+    stream, requests, total = paper_mix(64 * steps + 64, seed=seed, vocab=vocab, max_context=context), [], 0
+    for r in stream:
+        if total >= steps * tokens:
+            break
+        requests.append(r)
+        total += len(r)
+    requests.sort(key=len)
+    batches, i = [], 0
+    while i < len(requests):
         chosen, used = [], 0
-        while True:
-            r = pending or next(requests)
-            pending = None
-            if chosen and used + len(r) > tokens:
-                pending = r
-                break
-            chosen.append(r)
-            used += len(r)
+        while i < len(requests) and (not chosen or used + len(requests[i]) <= tokens):
+            chosen.append(requests[i])
+            used += len(requests[i])
+            i += 1
         width = max(len(r) for r in chosen)
         ids = torch.zeros(len(chosen), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, r in enumerate(chosen):
-            ids[i, : len(r)] = torch.tensor(r.token_ids)
-            mask[i, : len(r)] = 1
+        for row, r in enumerate(chosen):
+            ids[row, : len(r)] = torch.tensor(r.token_ids)
+            mask[row, : len(r)] = 1
         batches.append((ids, mask))
     return batches
 
