@@ -19,6 +19,16 @@ def padded_batch(rank: int, vocab: int, batch: int = 3, length: int = 9):
     return ids, mask
 
 
+def reference(path: str, rank: int):
+    """The unmodified model, this rank's padded batch and its logits: (model, ids, mask, logits)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = padded_batch(rank, ref.config.get_text_config().vocab_size)
+    with torch.inference_mode():
+        return ref, ids, mask, ref(input_ids=ids, attention_mask=mask).logits
+
+
 def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) -> list[dict]:
     """For each case: optimized logits vs the unmodified model on this rank's own batch."""
     from transformers import AutoModelForCausalLM
@@ -72,10 +82,7 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
     from dist_utils import captured_graphs
     from graph_checks import gathers
 
-    ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids, mask = padded_batch(rank, ref.config.vocab_size)
-    with torch.inference_mode():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
+    _, ids, mask, expected = reference(path, rank)
     config = DistributedConfig(fsdp_size=world_size, ep_size=world_size, ep_implementation="all_to_all")
     model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config).eval()
     dispatch_before = uses_transformers_ep(model)
@@ -97,15 +104,11 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
 def inductor_code(rank: int, world_size: int, path: str, prefetch: int) -> dict:
     """Optimize with Inductor; return the generated code and the logits error on this rank's batch."""
     from torch._inductor.utils import run_and_get_code
-    from transformers import AutoModelForCausalLM
 
     import zp_compile
 
     torch._dynamo.reset()
-    ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids, mask = padded_batch(rank, ref.config.vocab_size)
-    with torch.inference_mode():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
+    _, ids, mask, expected = reference(path, rank)
     model = zp_compile.from_pretrained(path, prefetch=prefetch, backend="inductor")
     with torch.inference_mode():
         got, code = run_and_get_code(lambda: model(input_ids=ids, attention_mask=mask).logits)
@@ -187,18 +190,13 @@ def bf16_against_stock_compile(rank: int, world_size: int, path: str) -> dict:
 
 def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
     """transport="shm": logits, and what the compiled graph gathers with."""
-    from transformers import AutoModelForCausalLM
-
     import zp_compile
     from zp_compile.passes.predicates import is_all_gather, is_shm_gather
 
     from dist_utils import captured_graphs
 
     torch._dynamo.reset()
-    ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids, mask = padded_batch(rank, ref.config.vocab_size)
-    with torch.inference_mode():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
+    _, ids, mask, expected = reference(path, rank)
     with captured_graphs() as graphs:
         model = zp_compile.from_pretrained(path, backend=backend, transport="shm")
         with torch.inference_mode():

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .models.rewrite import SHARD_SUFFIX
 from .planner import spec_from_config, threshold_at
 
 
@@ -46,7 +47,7 @@ def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
     layers = model.zero_prefill.sharded_layers
     if not layers:
         return 0.0
-    largest = max(layers, key=lambda layer: sum(getattr(layer.module, n + "_shard").numel() for n in layer.expert_params))
+    largest = max(layers, key=lambda layer: sum(getattr(layer.module, n + SHARD_SUFFIX).numel() for n in layer.expert_params))
 
     def gather() -> None:
         for name in largest.expert_params:
