@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 
+# Plain RoPE where a family's default is YaRN (whose factors warn on a 512-token tiny model).
+_PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+# DeepSeek-V3 and GLM4-MoE: one shared expert, every layer MoE, one routing group.
+_SHARED_ONE_GROUP = {"intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1}
+
 # model_type -> (field for num_experts, field for expert width, family-specific defaults)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("num_local_experts", "intermediate_size", {}),
@@ -31,38 +36,27 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "n_routed_experts",
         "moe_intermediate_size",
         {
-            "intermediate_size": 64,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 0,
-            "n_group": 1,
-            "topk_group": 1,
+            **_SHARED_ONE_GROUP,
+            **_PLAIN_ROPE,
             "kv_lora_rank": 16,
             "q_lora_rank": 32,
             "qk_rope_head_dim": 8,
             "qk_nope_head_dim": 8,
             "v_head_dim": 16,
             "rope_interleave": False,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         },
     ),
     "gpt_oss": (
         "num_local_experts",
         "intermediate_size",
-        {"head_dim": 16, "sliding_window": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        {"head_dim": 16, "sliding_window": 8, **_PLAIN_ROPE},
     ),
     "granitemoe": ("num_local_experts", "intermediate_size", {}),
     "phimoe": ("num_local_experts", "intermediate_size", {}),
     "glm4_moe": (
         "n_routed_experts",
         "moe_intermediate_size",
-        {
-            "intermediate_size": 64,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 0,
-            "n_group": 1,
-            "topk_group": 1,
-            "head_dim": 16,
-        },
+        {**_SHARED_ONE_GROUP, "head_dim": 16},
     ),
     "llama4_text": (
         "num_local_experts",
