@@ -74,22 +74,31 @@ def cpu_hardware(matmul_flops: float, copy_bw: float, memory_bytes: float | None
     return Hardware("cpu", matmul_flops, matmul_flops, 2, memory_bytes / ranks, copy_bw, copy_bw, copy_bw, hop_latency_s=50e-6)
 
 
+def _rate(fn, work: float, budget: float) -> float:
+    """``work`` units per second of ``fn``, run repeatedly for about ``budget`` seconds after a warm-up."""
+    fn()  # warm-up: the first call allocates and picks kernels
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget or n == 0:
+        fn()
+        n += 1
+    return work * n / elapsed
+
+
+def measure_matmul_flops(dtype=None, seconds: float = 0.5) -> float:
+    """FLOP/s of a 1024^3 matmul of ``dtype`` (default bf16) on this CPU, timed for about ``seconds``."""
+    import torch
+
+    a = torch.randn(1024, 1024, dtype=dtype or torch.bfloat16)
+    return _rate(lambda: a @ a, 2 * 1024**3, seconds)
+
+
 def measure_cpu(seconds: float = 1.0, ranks: int = 1) -> Hardware:
     """Time a BF16 matmul and a 16 MB tensor copy on this machine, about ``seconds`` in all (< 5 s)."""
     import torch
 
-    def rate(fn, work: float, budget: float) -> float:
-        fn()  # warm-up: the first call allocates and picks kernels
-        n, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < budget or n == 0:
-            fn()
-            n += 1
-        return work * n / elapsed
-
-    a = torch.randn(1024, 1024, dtype=torch.bfloat16)
     src, dst = torch.empty(2**24, dtype=torch.uint8), torch.empty(2**24, dtype=torch.uint8)
-    flops = rate(lambda: a @ a, 2 * 1024**3, seconds / 2)
-    copy = rate(lambda: dst.copy_(src), 2**24, seconds / 2)
+    flops = measure_matmul_flops(torch.bfloat16, seconds / 2)
+    copy = _rate(lambda: dst.copy_(src), 2**24, seconds / 2)
     return cpu_hardware(flops, copy, ranks=ranks)
 
 

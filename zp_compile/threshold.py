@@ -3,8 +3,9 @@
 T = t_gather * F_peak * gamma (the paper's rule): the FLOPs a rank must spend on one MoE layer for the
 gather of the next layer's expert bank to hide behind it. t_gather is the slowest layer's gather timed
 through the model's own transport (collective or shared memory); F_peak is a matmul of the model's
-dtype, shaped like one expert, timed on this device. Every rank measures and the ranks agree on the
-worst case (max t_gather, min F_peak), so every rank's scheduler sees the same T.
+dtype timed on this device (``planner.measure_matmul_flops``, which the planner's cpu profile uses
+too). Every rank measures and the ranks agree on the worst case (max t_gather, min F_peak), so every
+rank's scheduler sees the same T.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .models.rewrite import SHARD_SUFFIX
-from .planner import spec_from_config, threshold_at
+from .planner import measure_matmul_flops, spec_from_config, threshold_at
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,6 @@ def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
         return _median_seconds(gather, reps)
 
 
-def measure_peak_flops(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return 2 * m * k * n / _median_seconds(lambda: a @ b, reps)
-
-
 def saturation_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 2048, reps: int = 3) -> MeasuredThreshold:
     """Measure T for an optimized ``model`` (collective over its group: call on every rank)."""
     if not hasattr(model, "zero_prefill"):
@@ -71,7 +67,7 @@ def saturation_threshold(model: nn.Module, *, gamma: float = 1.2, context: int =
     if gamma <= 0 or context <= 0:
         raise ValueError(f"gamma and context must be positive, got gamma={gamma}, context={context}")
     t_gather = measure_gather_s(model, reps)
-    peak = measure_peak_flops(model.dtype)
+    peak = measure_matmul_flops(model.dtype, seconds=0.3)
     group = model.zero_prefill.group
     if group is not None:
         worst = torch.tensor([t_gather, -peak], dtype=torch.float64)
