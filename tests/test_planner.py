@@ -12,19 +12,25 @@ from zp_compile import cli
 from zp_compile.planner import (
     HARDWARE,
     MODELS,
+    ForwardTiming,
     ModelSpec,
     PlanSettings,
+    _batch_layers,
     _keys,
+    calibration_layers,
     cpu_hardware,
     flops_per_request,
+    forward_flops,
     gather_s,
     hardware,
     load_model,
     measure_cpu,
     memory_per_gpu,
     plan,
+    rank_threads,
     saturation_threshold,
     spec_from_config,
+    time_forward,
 )
 
 # 2 layers: layer 0 dense (MLP width 5), layer 1 MoE (4 experts of width 6, top-2); 2 query heads of
@@ -158,6 +164,74 @@ def test_measure_cpu_returns_positive_rates():
     assert hw.peak_flops > 0 and hw.nvlink_bw > 0 and hw.memory_bytes > 0
 
 
+# -- CPU calibration: achieved FLOP/s of a real forward instead of peak x an assumed efficiency -------
+
+
+def test_calibration_forward_flops_hand_count():
+    assert calibration_layers(TOY) == 2  # layer 0 (dense) and layer 1, the first MoE layer
+    assert calibration_layers(dataclasses.replace(TOY, moe_layers=(0, 1))) == 1
+    # Per request of 4 tokens: 2 * params * 4 for each layer (328 and 528 params, as in the hand count above)
+    # + QK^T and PV over 1 + 2 + 3 + 4 causal keys at 2 * heads * (qk + v) = 32 FLOPs per key, in both layers.
+    per_request = 2 * 4 * (328 + 528) + 2 * 32 * (1 + 2 + 3 + 4)
+    assert forward_flops(TOY, layers=2, requests=3, context=4) == 3 * per_request == 22_464
+    assert forward_flops(TOY, layers=1, requests=1, context=4) == 2 * 4 * 328 + 32 * 10
+
+
+def _timing(flops: float, seconds: float) -> ForwardTiming:
+    return ForwardTiming(layers=1, requests=8, context=512, flops=flops, seconds=seconds, backend="eager", threads=1)
+
+
+def test_calibrated_rate_sets_every_layers_time():
+    """achieved FLOP/s = counted FLOPs / measured time; each layer's predicted time is its FLOPs / that rate,
+    whatever the matmul peak: the peak only scales MFU and T*."""
+    m = MODELS["qwen3-30b-a3b"]
+    s = PlanSettings(gpus=1, tokens_per_gpu=4096, context=512)
+    counted = sum(f.total for f in _batch_layers(m, s))
+    for peak in (5e11, 2e12):
+        hw = cpu_hardware(matmul_flops=peak, copy_bw=1e10, memory_bytes=1e12)
+        timing = _timing(flops=2e10, seconds=0.125)  # 160 GFLOP/s
+        assert timing.achieved_flops == 1.6e11
+        assert timing.efficiency(peak) == pytest.approx(1.6e11 / peak)
+        asyncep = plan(m, hw, dataclasses.replace(s, efficiency=timing.efficiency(peak))).predictions["AsyncEP"]
+        assert asyncep.step_s == pytest.approx(counted / 1.6e11)
+        assert asyncep.mfu == pytest.approx(1.6e11 / peak)
+        slower = plan(m, hw, dataclasses.replace(s, efficiency=_timing(2e10, 0.25).efficiency(peak))).predictions["AsyncEP"]
+        assert slower.step_s == pytest.approx(2 * asyncep.step_s)
+
+
+def test_calibrated_efficiency_is_capped_at_one():
+    assert _timing(flops=1e12, seconds=1.0).efficiency(5e11) == 1.0  # a disturbed peak, not a faster forward
+
+
+@pytest.mark.parametrize("threads, ranks, expected", [(2, 1, (2, 1.0)), (2, 2, (1, 1.0)), (8, 3, (2, 1.0)), (2, 4, (1, 0.5)), (1, 2, (1, 0.5))])
+def test_ranks_split_the_threads(monkeypatch, threads, ranks, expected):
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert rank_threads(ranks) == expected
+
+
+@pytest.mark.parametrize("family, fields, layers", [("qwen3_moe", {}, 1), ("deepseek_v3", {"first_k_dense_replace": 1}, 2)])
+def test_time_forward_counts_the_batch_it_runs(family, fields, layers):
+    """A real (eager, tiny) forward: the FLOPs it reports are the planner's count for the layers and batch
+    it ran; torch's thread count and RNG are left as they were."""
+    import torch
+
+    from zp_compile.models import tiny_config
+
+    config = tiny_config(family, layers=3, **fields)
+    m = spec_from_config(config)
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    timing = time_forward(config, m, tokens=100, context=32, ranks=2, backend="eager", seconds=0.0)
+    assert (timing.layers, timing.requests, timing.context) == (layers, 3, 32)
+    assert timing.flops == forward_flops(m, layers, 3, 32)
+    assert timing.seconds > 0 and timing.threads == rank_threads(2)[0]
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), rng)
+    assert config.num_hidden_layers == 3  # the caller's config is not truncated
+    with pytest.raises(ValueError, match="backend must be 'inductor' or 'eager', got 'jit'"):
+        time_forward(config, m, tokens=32, context=32, backend="jit")
+
+
 def test_settings_name_bad_numbers():
     with pytest.raises(ValueError, match="gpus must be >= 1, got 0"):
         PlanSettings(gpus=0)
@@ -239,14 +313,73 @@ def test_unknown_names_list_the_known_ones():
 # -- CLI ------------------------------------------------------------------------------------------
 
 
+def _plan_cli(argv: list[str]) -> None:
+    """``zp-compile plan ...``; main() may end in sys.exit(0) on success, which is not a failure here."""
+    try:
+        cli.main(["plan", *argv])
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+
+
 def test_cli_plan_prints_every_section(capsys):
-    cli.main(["plan", "--model", "qwen3-235b-a22b", "--hardware", "h200-fp8", "--gpus", "8"])
+    _plan_cli(["--model", "qwen3-235b-a22b", "--hardware", "h200-fp8", "--gpus", "8"])
     out = capsys.readouterr().out
     for text in ("dense weights", "expert shards", "gathered banks in flight", "activations", "KV for the batch",
                  "T* = t_gather", "tokens per GPU", "AsyncEP", "TP ", "EP ", "PP ", "AsyncEP over the best baseline"):
         assert text in out
+    assert "at efficiency 0.35 " in out and "calibrated" not in out  # GPU profiles keep the assumed constant
 
 
 def test_cli_errors_are_one_line(capsys):
     with pytest.raises(SystemExit, match="zp-compile plan: error: unknown hardware 'tpu'; known:"):
         cli.main(["plan", "--model", "mixtral-8x7b", "--hardware", "tpu"])
+
+
+def _plan_step_ms(out: str, strategy: str) -> float:
+    return float(next(line for line in out.splitlines() if line.startswith(f"{strategy} ")).split()[1])
+
+
+@pytest.fixture
+def cpu_cli(monkeypatch, tmp_path):
+    """The CLI's cpu path with fixed measurements: a 500 GFLOP/s peak and a forward that ran its counted
+    FLOPs at 100 GFLOP/s; returns the checkpoint directory and the calls to time_forward."""
+    from zp_compile import planner
+    from zp_compile.models import tiny_config
+
+    tiny_config("qwen3_moe", layers=2).save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setattr(planner, "measure_cpu", lambda ranks: cpu_hardware(5e11, 1e10, memory_bytes=1e12, ranks=ranks))
+
+    def fake_forward(config, m, tokens, context, *, ranks, backend):
+        calls.append((tokens, context, ranks, backend))
+        flops = forward_flops(m, 1, tokens // context, context)
+        return ForwardTiming(1, tokens // context, context, flops, flops / 1e11, backend, 1)
+
+    monkeypatch.setattr(planner, "time_forward", fake_forward)
+    return tmp_path, calls
+
+
+def test_cli_cpu_prediction_uses_the_calibrated_rate(cpu_cli, capsys):
+    path, calls = cpu_cli
+    _plan_cli(["--model", str(path), "--hardware", "cpu", "--gpus", "1", "--tokens", "256", "--context", "64"])
+    out = capsys.readouterr().out
+    assert calls == [(256, 64, 1, "inductor")]
+    assert "= 100.0 GFLOP/s, efficiency 0.200 of the 500 GFLOP/s matmul peak" in out
+    m = load_model(str(path))
+    counted = sum(f.total for f in _batch_layers(m, PlanSettings(gpus=1, tokens_per_gpu=256, context=64)))
+    assert _plan_step_ms(out, "AsyncEP") == pytest.approx(counted / 1e11 * 1e3, abs=0.05)
+
+
+def test_cli_explicit_efficiency_skips_the_calibration(cpu_cli, capsys):
+    path, calls = cpu_cli
+    _plan_cli(["--model", str(path), "--hardware", "cpu", "--gpus", "1", "--tokens", "256", "--context", "64", "--efficiency", "0.5"])
+    out = capsys.readouterr().out
+    assert calls == [] and "calibrated" not in out and "at efficiency 0.5 " in out
+
+
+def test_cli_cpu_with_a_builtin_name_assumes_the_constant(cpu_cli, capsys):
+    _, calls = cpu_cli
+    _plan_cli(["--model", "qwen3-30b-a3b", "--hardware", "cpu", "--gpus", "2"])
+    out = capsys.readouterr().out
+    assert calls == [] and "efficiency 0.35 assumed: a built-in name has no config.json" in out

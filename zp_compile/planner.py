@@ -2,8 +2,9 @@
 against tensor (TP), expert (EP) and pipeline (PP) parallelism, for a MoE model on N accelerators.
 
 Pure arithmetic on a model description (``ModelSpec``) and a hardware profile (``Hardware``); nothing
-here touches torch except ``measure_cpu``. The model is a roofline with one efficiency constant, not a
-simulator: every assumption is written next to the number it produces, and the CLI prints them.
+here touches torch except the CPU measurements (``measure_cpu``, ``time_forward``). The model is a roofline
+with one efficiency constant, not a simulator: every assumption is written next to the number it produces,
+and the CLI prints them. On GPUs the constant is assumed; on a CPU it is measured (``time_forward``).
 
 Shape letters: B tokens per GPU per step, c context length, H hidden, I expert width, E experts,
 k experts per token, N GPUs, L layers, V vocabulary.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -92,12 +94,38 @@ def measure_matmul_flops(dtype=None, seconds: float = 0.5) -> float:
     return _rate(lambda: a @ a, 2 * 1024**3, seconds)
 
 
-def measure_cpu(seconds: float = 1.0, ranks: int = 1) -> Hardware:
-    """Time a BF16 matmul and a 16 MB tensor copy on this machine, about ``seconds`` in all (< 5 s)."""
+def rank_threads(ranks: int) -> tuple[int, float]:
+    """Threads one of ``ranks`` CPU ranks gets out of this process's torch threads (torch's default: one
+    per physical core; OMP_NUM_THREADS overrides), and the share of a thread's rate it keeps: below one
+    thread per rank, ranks time-share a core (2 ranks on 1 thread: 0.5)."""
     import torch
 
+    total = torch.get_num_threads()
+    return max(1, total // ranks), min(1.0, total / ranks)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block and restored after (a process-wide setting)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_cpu(seconds: float = 1.0, ranks: int = 1) -> Hardware:
+    """Time a BF16 matmul and a 16 MB tensor copy on this machine, about ``seconds`` in all (< 5 s). The
+    matmul runs on one rank's threads (``rank_threads``): ranks on one CPU split its cores, as they split its RAM."""
+    import torch
+
+    threads, share = rank_threads(ranks)
     src, dst = torch.empty(2**24, dtype=torch.uint8), torch.empty(2**24, dtype=torch.uint8)
-    flops = measure_matmul_flops(torch.bfloat16, seconds / 2)
+    with _torch_threads(threads):
+        flops = measure_matmul_flops(torch.bfloat16, seconds / 2) * share
     copy = _rate(lambda: dst.copy_(src), 2**24, seconds / 2)
     return cpu_hardware(flops, copy, ranks=ranks)
 
@@ -274,14 +302,22 @@ def spec_from_config(config, name: str | None = None) -> ModelSpec:
     )
 
 
+def load_config(name_or_dir: str):
+    """The transformers config of a checkpoint directory (or of its config.json); None for anything else,
+    such as a built-in name."""
+    path = Path(name_or_dir)
+    if not (path.is_dir() or path.name == "config.json"):
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+
+
 def load_model(name_or_dir: str) -> ModelSpec:
     """A checkpoint directory (its config.json, read by transformers' AutoConfig) or a built-in name."""
-    path = Path(name_or_dir)
-    if path.is_dir() or path.name == "config.json":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
-        return spec_from_config(config, name=path.resolve().name)
+    config = load_config(name_or_dir)
+    if config is not None:
+        return spec_from_config(config, name=Path(name_or_dir).resolve().name)
     key = name_or_dir.lower().rsplit("/", 1)[-1]  # accept Hub ids: Qwen/Qwen3-235B-A22B
     if key not in MODELS:
         raise ValueError(f"{name_or_dir!r} is neither a directory nor a known model; known: {', '.join(MODELS)}")
@@ -337,6 +373,86 @@ def flops_per_request(m: ModelSpec, new: int, cached: int = 0, logits: int = 1) 
 
 
 # ----------------------------------------------------------------------------------------------------
+# CPU calibration: the efficiency a real forward reaches, measured instead of assumed
+
+
+def calibration_layers(m: ModelSpec) -> int:
+    """Decoder layers the calibration forward runs: 0 through the first MoE layer (dense layers first
+    where the model has them, as DeepSeek-V3's first 3)."""
+    return m.moe_layers[0] + 1
+
+
+def forward_flops(m: ModelSpec, layers: int, requests: int, context: int) -> float:
+    """The planner's count for ``requests`` requests of ``context`` new tokens through decoder layers
+    0 .. layers-1 (``layer_flops``; no embedding lookup, no final norm, no lm_head)."""
+    return requests * sum(layer_flops(m, i, context).total for i in range(layers))
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    """One timed forward of the model's first ``layers`` decoder layers (random weights, the model's own
+    shapes) on ``requests`` requests of ``context`` tokens, on one rank's threads."""
+
+    layers: int
+    requests: int
+    context: int
+    flops: float  # forward_flops of that batch: what the performance model charges for it
+    seconds: float  # measured wall time of one forward (mean over the timed repetitions)
+    backend: str
+    threads: int
+
+    @property
+    def achieved_flops(self) -> float:
+        """FLOP/s the planner's count reaches in a real forward: counted FLOPs / measured time."""
+        return self.flops / self.seconds
+
+    def efficiency(self, peak_flops: float) -> float:
+        """``achieved_flops`` as a fraction of the matmul peak, the performance model's one compute constant:
+        with it every layer's predicted time is its counted FLOPs / ``achieved_flops``. Capped at 1, which
+        only a disturbed peak measurement would reach."""
+        return min(1.0, self.achieved_flops / peak_flops)
+
+
+def time_forward(config, m: ModelSpec, tokens: int, context: int, *, ranks: int = 1, backend: str = "inductor",
+                 seconds: float = 1.0, dtype=None) -> ForwardTiming:
+    """Time a forward of ``config``'s first decoder layers through its first MoE layer (``calibration_layers``)
+    with random ``dtype`` (default bf16) weights on the plan's batch: ``tokens // context`` requests of
+    ``context`` tokens (at least one), under inference_mode, on one rank's threads (``rank_threads``).
+
+    ``backend``: "inductor" compiles the layers with torch.compile as zp_compile.from_pretrained and the
+    benchmarks do (Inductor's compile, 5-15 s on 2 cores, precedes the timing and is not timed); "eager" runs
+    them uncompiled (about 1.3x slower per FLOP on this project's 2-core CPU at 4,096 tokens). One warm-up
+    forward, then forwards for about ``seconds`` (at least one). Routing on random weights is near uniform,
+    as in the benchmarks; a trained router's skew is not reproduced.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModel
+
+    if backend not in ("inductor", "eager"):
+        raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+    layers, requests = calibration_layers(m), max(1, tokens // context)
+    config = copy.deepcopy(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text.num_hidden_layers = layers
+    threads, share = rank_threads(ranks)
+    with torch.random.fork_rng(devices=[]), _torch_threads(threads):
+        torch.manual_seed(0)
+        body = AutoModel.from_config(text, dtype=dtype or torch.bfloat16).eval()  # no lm_head: not counted
+        run = torch.compile(body) if backend == "inductor" else body
+        ids = torch.randint(0, text.vocab_size, (requests, context))  # [R, c]
+        with torch.inference_mode():
+            run(input_ids=ids)  # warm-up: compiles, allocates, picks kernels
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds or n == 0:
+                run(input_ids=ids)
+                n += 1
+    # Below one thread per rank the ranks time-share a core: a forward takes 1/share as long.
+    return ForwardTiming(layers, requests, context, forward_flops(m, layers, requests, context), elapsed / n / share, backend, threads)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Settings
 
 
@@ -345,7 +461,8 @@ class PlanSettings:
     """Deployment and model-of-the-machine settings. One set of constants for every model and GPU.
 
     efficiency: fraction of peak FLOP/s every strategy's kernels reach (GEMMs, attention, the glue
-        between them); the one compute constant. 0.35 is a typical end-to-end MoE prefill figure.
+        between them); the one compute constant. 0.35 is a typical end-to-end MoE prefill figure, assumed
+        for the GPU profiles; on a CPU the CLI measures it instead (``time_forward``, ``ForwardTiming.efficiency``).
     link_efficiency: fraction of the link's spec bandwidth a NCCL collective reaches (all-gather,
         all-reduce and all-to-all alike; all-to-all usually does worse, which favours EP).
     ep_imbalance: expert tokens on the busiest rank over the mean, for EP; real routing is skewed
