@@ -7,6 +7,7 @@ saturation threshold T* and predicted throughput of AsyncEP, TP, EP and PP (see 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import planner
@@ -19,14 +20,17 @@ def _add_plan(sub) -> None:
                        description="Predict memory per GPU, T* and tokens/s + MFU of AsyncEP, TP, EP and PP.")
     d = planner.PlanSettings()
     p.add_argument("--model", required=True, help=f"checkpoint directory (config.json) or one of: {', '.join(planner.MODELS)}")
-    p.add_argument("--hardware", required=True, help=f"one of: {', '.join([*planner.HARDWARE, 'cpu'])} (cpu is measured, ~1 s)")
+    p.add_argument("--hardware", required=True, help=f"one of: {', '.join([*planner.HARDWARE, 'cpu'])} (cpu is measured: ~1 s, plus the calibration forward)")
     p.add_argument("--gpus", type=int, default=d.gpus)
     p.add_argument("--tokens", type=int, default=d.tokens_per_gpu, help="tokens per GPU per step (default %(default)s)")
     p.add_argument("--context", type=int, default=d.context, help="tokens per request (default %(default)s)")
     p.add_argument("--link", choices=["nvlink", "pcie"], default=d.link, help="link the collectives use")
     p.add_argument("--link-gbps", type=float, help="override the link's bandwidth, GB/s per direction per GPU")
     p.add_argument("--gamma", type=float, default=d.gamma, help="jitter margin of T* (default %(default)s)")
-    p.add_argument("--efficiency", type=float, default=d.efficiency, help="fraction of peak the kernels reach (default %(default)s)")
+    p.add_argument("--efficiency", type=float, help=f"fraction of peak the kernels reach (default: {d.efficiency} on GPU profiles; "
+                   "on cpu, measured by timing the model's first MoE layer on the planned batch)")
+    p.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
+                   help="how the cpu calibration forward runs: compiled as zp_compile models run (5-15 s) or eager (~1 s)")
     p.add_argument("--prefetch", type=int, default=d.prefetch)
     p.add_argument("--no-resident-first-layer", action="store_true", help="shard the first MoE layer too")
     p.add_argument("--no-kv-cache", action="store_true", help="KV-cache-free mode: keep one layer's KV only")
@@ -37,17 +41,27 @@ def _add_plan(sub) -> None:
 def run_plan(args: argparse.Namespace) -> None:
     model = planner.load_model(args.model)
     cpu = args.hardware == "cpu"
-    # CPU ranks share one machine: each gets its share of RAM, and "offloading" to host frees nothing.
+    # CPU ranks share one machine: each gets its share of RAM and cores, and "offloading" to host frees nothing.
     hw = planner.measure_cpu(ranks=args.gpus) if cpu else planner.hardware(args.hardware)
+    assumed = planner.PlanSettings().efficiency
+    efficiency, timing, note = args.efficiency, None, ""
+    if efficiency is None and cpu:
+        config = planner.load_config(args.model)
+        if config is not None:  # measured: the planner's FLOPs for a real forward over its time
+            timing = planner.time_forward(config, model, args.tokens, args.context, ranks=args.gpus, backend=args.backend)
+            efficiency = timing.efficiency(hw.peak_flops)
+        else:
+            note = f"efficiency {assumed} assumed: a built-in name has no config.json to build a calibration layer from"
     settings = planner.PlanSettings(
-        gpus=args.gpus, tokens_per_gpu=args.tokens, context=args.context, gamma=args.gamma, efficiency=args.efficiency,
+        gpus=args.gpus, tokens_per_gpu=args.tokens, context=args.context, gamma=args.gamma,
+        efficiency=assumed if efficiency is None else efficiency,
         link=args.link, link_bw=args.link_gbps * GIB if args.link_gbps else None, prefetch=args.prefetch,
         resident_first_layer=not args.no_resident_first_layer, kv_cache=not args.no_kv_cache, offload=not (args.no_offload or cpu),
     )
-    print(format_plan(planner.plan(model, hw, settings)))
+    print(format_plan(planner.plan(model, hw, settings), timing, note))
 
 
-def format_plan(p: planner.Plan) -> str:
+def format_plan(p: planner.Plan, timing: planner.ForwardTiming | None = None, note: str = "") -> str:
     m, hw, s, mem, th = p.model, p.hardware, p.settings, p.memory, p.threshold
     link = (s.link_bw or hw.link_bw(s.link)) / GIB
     gb = lambda x: f"{x / GIB:8.2f} GB"  # noqa: E731
@@ -59,6 +73,15 @@ def format_plan(p: planner.Plan) -> str:
         f"model: {m.total_params / 1e9:.1f}B parameters, {m.active_params_per_token / 1e9:.1f}B active per token "
         f"(+ lm_head once per request); {len(m.moe_layers)}/{m.layers} MoE layers x {m.experts} experts, top-{m.top_k}; "
         f"expert bank {m.bank_params * hw.weight_bytes / GIB:.2f} GB per layer at {hw.weight_bytes} byte(s)/weight",
+    ]
+    if timing is not None:
+        lines.append(
+            f"compute calibrated: layers 0-{timing.layers - 1} on {timing.requests} x {timing.context} tokens ({timing.backend}, "
+            f"{timing.threads} thread(s) per rank): {timing.flops / 1e9:.1f} GFLOP counted in {timing.seconds * 1e3:.1f} ms "
+            f"= {timing.achieved_flops / 1e9:.1f} GFLOP/s, efficiency {s.efficiency:.3f} of the {hw.peak_flops / 1e9:.0f} GFLOP/s matmul peak")
+    elif note:
+        lines.append(note)
+    lines += [
         "",
         "memory per GPU (AsyncEP)",
         row("dense weights, replicated", gb(mem.dense)),
@@ -82,7 +105,7 @@ def format_plan(p: planner.Plan) -> str:
         row("T* = t_gather * peak * gamma", f"{th.flops_per_layer / 1e12:8.2f} TFLOP per MoE layer per GPU"),
         row("", f"= {th.tokens:,.0f} tokens per GPU at {s.context:,}-token context"),
         row("", f"= {th.flops_per_step / 1e12:,.0f} TFLOP per GPU per step (whole model)"),
-        f"  batch of {s.tokens_per_gpu:,} tokens is {'BELOW' if below else 'above'} T*; at efficiency {s.efficiency} "
+        f"  batch of {s.tokens_per_gpu:,} tokens is {'BELOW' if below else 'above'} T*; at efficiency {s.efficiency:.3g} "
         f"the gather already hides from {th.hide_tokens:,.0f} tokens",
         "",
         f"{'strategy':9s}{'step ms':>10s}{'tokens/s':>12s}{'MFU':>7s}  detail",
@@ -95,15 +118,100 @@ def format_plan(p: planner.Plan) -> str:
     return "\n".join(lines)
 
 
+def _add_serve(sub) -> None:
+    from .server.app import ServeSettings
+
+    d = ServeSettings(model="", model_name="")
+    p = sub.add_parser("serve", help="HTTP scoring server over N ranks running the optimized model",
+                       description="Serve /classify, /score, /rerank and prefill-only /v1/completions from N lockstep ranks. "
+                       "With no --model: a tiny built-in MoE checkpoint with a local tokenizer, on 2 CPU ranks.")  # fmt: skip
+    p.add_argument("--model", help="checkpoint directory (safetensors + config.json + tokenizer); default: the built-in tiny model")
+    p.add_argument("--tokenizer", help="tokenizer directory, if not in --model")
+    p.add_argument("--served-model-name", help="the name clients use (default: the directory name)")
+    p.add_argument("--nproc", type=int, default=2, help="number of ranks (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--labels", nargs="+", help="label strings for /classify and default /score labels, one token each "
+                   "(default for the built-in model: ' yes' ' no')")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--transport", default="collective", choices=["collective", "shm"], help="shm: ranks on one host (fastest on CPU)")
+    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
+    p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")
+    p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank, help="padded tokens per rank per step (default %(default)s)")
+    p.add_argument("--max-seqs-per-rank", type=int, default=d.max_seqs_per_rank)
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued sequences before 429 (default %(default)s)")
+    p.add_argument("--max-items", type=int, default=d.max_items, help="inputs/items/documents per request (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413 (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds (default %(default)s)")
+    p.add_argument("--step-timeout", type=float, default=120.0, help="a step slower than this fails the ranks (default %(default)s s)")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the ranks to load and compile (default %(default)s)")
+    p.add_argument("--on-worker-failure", choices=["restart", "exit"], default=d.on_worker_failure)
+    p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
+    p.add_argument("--external-ranks", action="store_true",
+                   help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip
+    p.add_argument("--worker-host", default="127.0.0.1", help="address ranks use to reach this front end (default %(default)s)")
+    p.add_argument("--worker-port", type=int, default=0, help="port of the front end's rank store (default: any free port)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from .server.app import ServeSettings
+    from .server.ranks import Ranks, RankSettings
+    from .server.serve import run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    labels = args.labels
+    if args.model is None:
+        from .models import default_checkpoint
+
+        args.model = str(default_checkpoint())
+        labels = labels or [" yes", " no"]
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        raise ValueError(f"--model {args.model}: no config.json there")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.external_ranks and not args.worker_port:
+        raise ValueError("--external-ranks needs a fixed --worker-port for the ranks to join")
+    if args.external_ranks and args.on_worker_failure == "restart":
+        raise ValueError("--external-ranks needs --on-worker-failure exit: the front end cannot restart ranks it did not "
+                         "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
+    if args.max_items > args.max_waiting:
+        raise ValueError(f"--max-items {args.max_items} exceeds --max-waiting {args.max_waiting}: such a request could never be queued")
+    settings = ServeSettings(
+        model=str(model.resolve()), model_name=args.served_model_name or model.name, tokenizer=args.tokenizer, labels=labels or [],
+        max_model_len=args.max_model_len, max_tokens_per_rank=args.max_tokens_per_rank, max_seqs_per_rank=args.max_seqs_per_rank,
+        max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
+    )  # fmt: skip
+    rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
+                                 transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank)  # fmt: skip
+    ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
+                  start_timeout=args.start_timeout, step_timeout=args.step_timeout)  # fmt: skip
+    if args.external_ranks:
+        print(f"zp-compile serve: waiting for {args.nproc} ranks; on each host run\n"
+              f"  torchrun --nnodes NODES --nproc_per_node RANKS_PER_NODE --rdzv-backend c10d --rdzv-endpoint HOST0:29500 "
+              f"-m zp_compile.server.worker --frontend {ranks.address}", flush=True)  # fmt: skip
+    return run(settings, ranks, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zp-compile", description="zp-compile command line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_plan(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except ValueError as e:  # bad names and settings: one line, no traceback
         sys.exit(f"zp-compile {args.command}: error: {e}")
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

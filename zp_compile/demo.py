@@ -9,29 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-DEFAULT = {"family": "qwen3_moe", "layers": 4, "num_experts": 16, "hidden": 128, "expert_size": 128, "top_k": 4}
-
-
-def default_checkpoint() -> Path:
-    """The demo checkpoint, built once (deterministic seed) under the user's cache directory."""
-    from .models import tiny
-
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zp-compile"
-    path = root / "demo-{family}-L{layers}-E{num_experts}-H{hidden}".format(**DEFAULT)
-    if not (path / "model.safetensors").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root))
-        tiny(DEFAULT["family"], tmp, **{k: v for k, v in DEFAULT.items() if k != "family"})
-        if not path.exists():
-            tmp.rename(path)
-    return path
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     import zp_compile
+    from zp_compile.models import default_checkpoint
     from zp_compile.models.discovery import find_moe_layers
     from zp_compile.models.rewrite import expert_bytes
 
@@ -55,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.model
     if path is None:
         if rank == 0:
-            path = default_checkpoint()
+            path = default_checkpoint()  # tiny random Qwen3-MoE + a tokenizer made locally
         if dist.is_initialized():
             holder = [path]
             dist.broadcast_object_list(holder, src=0)

@@ -4,6 +4,7 @@
 family (see ``factory.py``).
 """
 
-from .factory import FAMILIES, VERIFIED_FAMILIES, tiny, tiny_config
+from .factory import DEFAULT, FAMILIES, VERIFIED_FAMILIES, default_checkpoint, tiny, tiny_config
+from .tokenizer import tiny_tokenizer
 
-__all__ = ["FAMILIES", "VERIFIED_FAMILIES", "tiny", "tiny_config"]
+__all__ = ["DEFAULT", "FAMILIES", "VERIFIED_FAMILIES", "default_checkpoint", "tiny", "tiny_config", "tiny_tokenizer"]

@@ -11,6 +11,7 @@ config unchanged, so every field of the family's config can be set.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,25 @@ def tiny(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     return out
+
+
+# The embedded default of the demo and of ``zp-compile serve``: 4 MoE layers x 16 experts, top-4.
+DEFAULT = {"family": "qwen3_moe", "layers": 4, "num_experts": 16, "hidden": 128, "expert_size": 128, "top_k": 4}
+
+
+def default_checkpoint() -> Path:
+    """The embedded default checkpoint with a tokenizer made locally, built once (fixed seed) under the
+    user's cache directory; the same on every machine."""
+    from .tokenizer import tiny_tokenizer
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zp-compile"
+    path = root / "default-{family}-L{layers}-E{num_experts}-H{hidden}".format(**DEFAULT)
+    if not (path / "model.safetensors").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))  # built aside, then renamed: concurrent builders never see half
+        tokenizer = tiny_tokenizer(tmp)
+        overrides = {k: v for k, v in DEFAULT.items() if k != "family"}
+        tiny(DEFAULT["family"], tmp, vocab=len(tokenizer), max_position_embeddings=2048, **overrides)
+        if not path.exists():
+            tmp.rename(path)
+    return path

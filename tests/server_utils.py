@@ -1,0 +1,107 @@
+"""Start ``zp-compile serve`` as a real subprocess (real ranks under torchrun) and talk to it over loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+STARTUP_S = 300  # loading + compiling on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``with Server(model, "--backend", "eager") as srv: srv.client.post(...)``."""
+
+    def __init__(self, model: Path, *args: str, api_key: str | None = None, wait: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--model", str(model), "--port", str(self.port), *args]
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.wait = wait
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="zp-serve-", suffix=".log", delete=False)
+
+    def __enter__(self) -> Server:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "zp_compile.cli", "serve", *self.args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
+        if self.wait:
+            self.wait_healthy()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill_tree()
+        self.kill_tree()  # stray ranks, whatever happened
+        self.log.close()
+
+    def wait_healthy(self, timeout: float = STARTUP_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not healthy within {timeout} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def ranks(self) -> list[psutil.Process]:
+        """The worker rank processes (not torchrun's agent), in rank order."""
+        procs = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if "zp_compile.server.worker" in cmd and "torch.distributed.run" not in cmd:
+                procs.append(child)
+        return procs
+
+    def kill_tree(self) -> None:
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True) + [psutil.Process(self.proc.pid)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include ``labels``."""
+        text = self.client.get("/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+                total += float(m.group(2))
+        return total

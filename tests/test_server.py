@@ -1,0 +1,411 @@
+"""``zp-compile serve`` end to end: a real subprocess with real ranks (torchrun, gloo), real HTTP over
+loopback. Each server start costs a torchrun launch and a compile, so one module-scoped server answers
+every test that does not change its state; the fault tests start their own."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from server_utils import Server
+from zp_compile.server import protocol as p
+
+LABELS = [" yes", " no"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from zp_compile.models import tiny, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("serve-tiny")
+    tokenizer = tiny_tokenizer(path)
+    tiny("qwen3_moe", path, layers=2, num_experts=6, vocab=len(tokenizer), max_position_embeddings=256)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with Server(checkpoint, "--backend", "aot_eager", "--labels", *LABELS, "--max-tokens-per-rank", "1024") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint):
+    """The offline optimized model (world of one): next-token log-probabilities of one unpadded prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import zp_compile
+
+    model = zp_compile.optimize(AutoModelForCausalLM.from_pretrained(checkpoint).eval(), backend="aot_eager")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+
+    def logprobs(prompt) -> torch.Tensor:
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)  # [V]
+
+    logprobs.tokenizer = tokenizer
+    return logprobs
+
+
+PROMPTS = ["Is the sky blue? Answer:", "The film was boring, too long and badly written.", "a", "Paris is the capital of " * 9, [5, 9, 33, 7]]
+
+
+def test_answers_equal_the_offline_optimized_model(server, offline):
+    tok = offline.tokenizer
+    label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LABELS]
+    # /v1/completions: top-5 log-probabilities and the greedy token, for each prompt (batched together)
+    r = server.client.post("/v1/completions", json={"prompt": [x for x in PROMPTS if isinstance(x, str)], "logprobs": 5})
+    assert r.status_code == 200, r.text
+    body = p.CompletionResponse.model_validate(r.json())
+    for choice, prompt in zip(body.choices, [x for x in PROMPTS if isinstance(x, str)]):
+        expected = offline(prompt)
+        values, ids = expected.topk(5)
+        assert choice.text == tok.decode([int(ids[0])])
+        got = choice.logprobs.top_logprobs[0]
+        want = {tok.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}  # keyed by text, as OpenAI's format is
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-4 for k in want)
+        assert abs(choice.logprobs.token_logprobs[0] - values[0].item()) < 1e-4
+    # token-id prompt
+    r = server.client.post("/v1/completions", json={"prompt": PROMPTS[-1], "logprobs": 1})
+    assert abs(r.json()["choices"][0]["logprobs"]["token_logprobs"][0] - offline(PROMPTS[-1]).max().item()) < 1e-4
+    # /classify: softmax over the label tokens' logits
+    r = server.client.post("/classify", json={"input": PROMPTS[:4]})
+    assert r.status_code == 200, r.text
+    for d, prompt in zip(p.ClassifyResponse.model_validate(r.json()).data, PROMPTS[:4]):
+        expected = torch.softmax(offline(prompt)[label_ids], -1).tolist()
+        assert max(abs(a - b) for a, b in zip(d.probs, expected)) < 1e-4
+        assert d.label == LABELS[max(range(2), key=expected.__getitem__)]
+    # /score 1:N, full-vocabulary probabilities: query tokens then item tokens
+    items = ["it is", "no way", "maybe so"]
+    r = server.client.post("/score", json={"queries": "Is water wet?", "items": items, "label_token_ids": label_ids, "apply_softmax": False})
+    assert r.status_code == 200, r.text
+    for d, item in zip(p.ScoreResponse.model_validate(r.json()).data, items):
+        ids = tok.encode("Is water wet?") + tok.encode(item, add_special_tokens=False)
+        assert abs(d.score - math.exp(offline(ids)[label_ids[0]].item())) < 1e-5
+    # /score 1:1 and /rerank: sorted by the same score, cut at top_n
+    r = server.client.post("/score", json={"queries": ["q one", "q two"], "items": ["a", "b"]})
+    assert [d["index"] for d in r.json()["data"]] == [0, 1]
+    docs = ["sunny day", "the capital of France", "rain", "water boils"]
+    r = server.client.post("/rerank", json={"query": "weather", "documents": docs, "top_n": 3})
+    results = p.RerankResponse.model_validate(r.json()).results
+    assert len(results) == 3 and [x.relevance_score for x in results] == sorted([x.relevance_score for x in results], reverse=True)
+    for x in results:
+        ids = tok.encode("weather") + tok.encode(docs[x.index], add_special_tokens=False)
+        assert abs(x.relevance_score - torch.softmax(offline(ids)[label_ids], -1)[0].item()) < 1e-4
+        assert x.document.text == docs[x.index]
+
+
+BAD = [
+    # (route, body, status, param)
+    ("/classify", {"input": []}, 400, "input"),
+    ("/classify", {"input": ""}, 400, "input[0]"),
+    ("/classify", {"input": ["ok"], "unknown_field": 1}, 400, "unknown_field"),
+    ("/classify", {"input": 5}, 400, "input"),
+    ("/classify", {}, 400, "input"),
+    ("/classify", {"input": [10**6]}, 400, "input[0]"),
+    ("/classify", {"input": "word " * 300}, 400, "input[0]"),  # over max_position_embeddings (256)
+    ("/classify", {"input": ["x"] * 300}, 400, "input"),  # over --max-items (256)
+    ("/classify", {"input": "x", "model": "other"}, 404, "model"),
+    ("/score", {"queries": ["a", "b"], "items": ["x", "y", "z"]}, 400, "queries"),
+    ("/score", {"queries": "a", "items": []}, 400, "items"),
+    ("/score", {"queries": "a", "items": "b", "label_token_ids": [10**6]}, 400, "label_token_ids"),
+    ("/score", {"queries": "a", "items": "b", "apply_softmax": "yes"}, 400, "apply_softmax"),
+    ("/rerank", {"query": "a", "documents": ["b"], "top_n": 0}, 400, "top_n"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "word " * 300, "truncate_prompt_tokens": 1000}, 400, "truncate_prompt_tokens"),
+]
+
+
+def test_bad_input_is_an_error_naming_the_field(server):
+    for route, body, status, param in BAD:
+        r = server.client.post(route, json=body)
+        assert r.status_code == status, (route, body, r.text)
+        err = p.ErrorResponse.model_validate(r.json()).error
+        assert err.code == status and err.param == param, (route, body, err)
+        assert param.split("[")[0].split(".")[0] in err.message or status == 404 and "model" in err.message
+    r = server.client.post("/classify", content=b'{"input": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    # truncation on request keeps the last k tokens instead of refusing
+    r = server.client.post("/classify", json={"input": "word " * 300, "truncate_prompt_tokens": 100})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 100
+    r = server.client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+
+
+def _load_bodies(n: int) -> list[tuple[str, dict]]:
+    words = "the quick brown fox jumps over the lazy dog and the answer is yes".split()
+    text = lambda i: " ".join(words[(i + j) % len(words)] for j in range(1 + (i * 37) % 120))  # noqa: E731 - 1..120 words
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            out.append(("/classify", {"input": [text(i), text(i + 1)] if i % 3 else text(i)}))
+        elif kind == 1:
+            out.append(("/score", {"queries": text(i), "items": [text(i + k) for k in range(1 + i % 3)]}))
+        elif kind == 2:
+            out.append(("/rerank", {"query": text(i), "documents": [text(i + 5), text(i + 7)], "top_n": 1}))
+        else:
+            out.append(("/v1/completions", {"prompt": text(i), "max_tokens": 1, "logprobs": i % 4}))
+    return out
+
+
+RESPONSES = {"/classify": p.ClassifyResponse, "/score": p.ScoreResponse, "/rerank": p.RerankResponse, "/v1/completions": p.CompletionResponse}
+
+
+def test_load_every_request_answered_once_and_counted(server):
+    bodies = _load_bodies(2000)
+    before = {route: server.metric("zp_requests_total", route=route, status="200") for route in RESPONSES}
+    tokens_before = server.metric("zp_prompt_tokens_total")
+
+    async def run() -> list[httpx.Response]:
+        limit = asyncio.Semaphore(64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+
+            async def one(route, body):
+                async with limit:
+                    return await client.post(route, json=body)
+
+            return await asyncio.gather(*(one(route, body) for route, body in bodies))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(bodies), {r.status_code: r.text for r in responses if r.status_code != 200}
+    prompt_tokens = 0
+    for (route, body), r in zip(bodies, responses):
+        parsed = RESPONSES[route].model_validate(r.json())
+        prompt_tokens += parsed.usage.prompt_tokens
+        if route == "/classify":
+            assert len(parsed.data) == (1 if isinstance(body["input"], str) else len(body["input"]))
+        elif route == "/score":
+            assert len(parsed.data) == len(body["items"])
+        elif route == "/v1/completions":
+            assert len(parsed.choices[0].logprobs.top_logprobs[0]) <= body["logprobs"] or body["logprobs"] == 0
+    for route in RESPONSES:
+        sent = sum(1 for r, _ in bodies if r == route)
+        assert server.metric("zp_requests_total", route=route, status="200") - before[route] == sent
+    assert server.metric("zp_prompt_tokens_total") - tokens_before == prompt_tokens
+    assert server.metric("zp_sequences_waiting") == 0
+
+
+def test_health_answers_while_a_step_runs(server):
+    """A long request is in flight (its steps run on the ranks) while /health is asked: it answers."""
+    done = threading.Event()
+    result = {}
+
+    def long_request():
+        result["r"] = server.client.post("/classify", json={"input": ["word " * 60] * 256})
+        done.set()
+
+    threading.Thread(target=long_request).start()
+    wait_for(lambda: server.metric("zp_sequences_running") > 0 or done.is_set(), "the long request to start")
+    health = httpx.get(server.url + "/health", timeout=5)
+    running = not done.is_set()
+    done.wait(300)
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    assert result["r"].status_code == 200, result["r"].text
+    assert running, "the long request finished before /health was asked; make it longer"
+
+
+def test_fuzz_every_endpoint_from_the_openapi_schema(server):
+    """Hypothesis-generated bodies (valid and invalid) for every operation in /openapi.json: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(server.client.get("/openapi.json").json())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= set(RESPONSES) | {"/health", "/v1/models", "/metrics"}
+    for op in operations:
+        modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if op.method.upper() == "POST" else (GenerationMode.POSITIVE,)
+        for mode in modes:
+
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call(base_url=server.url, timeout=120)
+                assert response.status_code < 500, (op.path, case.body, response.text)
+                if response.status_code >= 400:
+                    assert p.ErrorResponse.model_validate(response.json()).error.code == response.status_code
+
+            check()
+    assert server.client.get("/health").status_code == 200
+
+
+def _flood(srv: Server, bodies: list[tuple[str, dict]], concurrency: int, timeout: float = 120) -> list[httpx.Response | Exception]:
+    async def run():
+        limit = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+            async def one(route, body):
+                async with limit:
+                    try:
+                        return await client.post(route, json=body)
+                    except httpx.HTTPError as e:
+                        return e
+
+            return await asyncio.gather(*(one(route, body) for route, body in bodies))
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """Wider than ``checkpoint``: steps take long enough for a queue to build up on 2 cores."""
+    from zp_compile.models import tiny, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("serve-slow")
+    tokenizer = tiny_tokenizer(path)
+    tiny("qwen3_moe", path, layers=4, hidden=256, num_experts=8, expert_size=512, vocab=len(tokenizer), max_position_embeddings=512)
+    return path
+
+
+def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
+    args = ["--backend", "eager", "--labels", *LABELS, "--max-waiting", "32", "--max-items", "16", "--max-body-bytes", "20000"]
+    with Server(slow_checkpoint, *args, api_key="s3cret") as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200  # no key needed
+        for path in ("/v1/models", "/metrics", "/openapi.json"):
+            r = httpx.get(srv.url + path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(srv.url + "/classify", json={"input": "x"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = srv.client.post("/classify", json={"input": "x" * 30000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413
+        # Overload: 16-item requests from 64 clients. The queue holds 32 sequences: the rest get 429 at once.
+        bodies = [("/classify", {"input": [f"review number {i} " * 20] * 16}) for i in range(200)]
+        waiting_seen = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                waiting_seen.append(srv.metric("zp_sequences_waiting"))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        responses = _flood(srv, bodies, 64)
+        stop.set()
+        watcher.join()
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        assert max(waiting_seen) <= 32
+        # A client that disconnects while its work is queued: the work is dropped, never run.
+        dropped_before = srv.metric("zp_sequences_dropped_total")
+        out = {}
+        busy = threading.Thread(target=lambda: out.update(r=_flood(srv, [("/classify", {"input": ["long text " * 150] * 8})] * 2, 2)))
+        busy.start()
+        wait_for(lambda: srv.metric("zp_sequences_running") > 0, "the busy requests to start running")
+        with pytest.raises(httpx.ReadTimeout):
+            srv.client.post("/classify", json={"input": ["dropped"] * 8}, timeout=0.2)
+        busy.join()
+        assert [r.status_code for r in out["r"]] == [200, 200]
+        wait_for(lambda: srv.metric("zp_sequences_dropped_total") - dropped_before >= 8, "the dropped sequences to be counted")
+        assert srv.metric("zp_sequences_dropped_total") - dropped_before == 8, srv.client.get("/metrics").text
+        assert srv.metric("zp_requests_total", route="/classify", status="499") >= 1
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _answered(responses) -> list[int]:
+    """Every request got an HTTP answer (no client-side timeout or connection error)."""
+    errors = [r for r in responses if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    return [r.status_code for r in responses]
+
+
+def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
+    args = ["--backend", "eager", "--labels", *LABELS, "--on-worker-failure", "restart", "--step-timeout", "60"]
+    bodies = [("/classify", {"input": [f"text {i} " * 40] * 4}) for i in range(120)]
+    with Server(slow_checkpoint, *args) as srv:
+        for fault in (signal.SIGKILL, signal.SIGSTOP):
+            out = {}
+            load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
+            load.start()
+            steps = srv.metric("zp_steps_total")
+            wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
+            victim = srv.ranks()[1]
+            victim.send_signal(fault)
+            load.join(90)
+            assert not load.is_alive(), "requests still waiting 90 s after a rank failed"
+            codes = _answered(out["r"])
+            assert set(codes) <= {200, 503} and 503 in codes, codes
+            for r in out["r"]:
+                if r.status_code == 503:
+                    assert "worker rank failed" in r.json()["error"]["message"] or "not ready" in r.json()["error"]["message"]
+            srv.wait_healthy()  # restarted
+            assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
+        assert srv.metric("zp_worker_failures_total") == 2
+        # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
+        out = {}
+        load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
+        load.start()
+        steps = srv.metric("zp_steps_total")
+        wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
+        workers = srv.ranks()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(120) == 0, srv.output()[-3000:]
+        load.join(60)
+        codes = [r.status_code if not isinstance(r, Exception) else "refused" for r in out["r"]]
+        assert codes.count(200) > 0 and set(codes) <= {200, 503, "refused"}, codes
+        import psutil
+
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "ranks outlived the drained server"
+
+
+def test_external_ranks_join_and_failure_exits(checkpoint):
+    import subprocess
+    import sys
+
+    from server_utils import free_port
+
+    worker_port = free_port()
+    args = ["--backend", "eager", "--labels", *LABELS, "--external-ranks", "--worker-port", str(worker_port), "--on-worker-failure", "exit"]
+    with Server(checkpoint, *args, wait=False) as srv:
+        assert httpx_health(srv) == 503  # up, waiting for its ranks
+        torchrun = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zp_compile.server.worker", "--frontend", f"127.0.0.1:{worker_port}"],
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            srv.wait_healthy()
+            assert srv.client.post("/classify", json={"input": ["joined", "ranks"]}).status_code == 200
+            import psutil
+
+            workers = [c for c in psutil.Process(torchrun.pid).children() if "torch.distributed.run" not in c.cmdline()]
+            assert len(workers) == 2
+            workers[0].kill()
+            out = _flood(srv, [("/classify", {"input": "after the kill"})] * 4, 4, timeout=60)
+            assert all(isinstance(r, Exception) or r.status_code == 503 for r in out)
+            assert srv.proc.wait(60) == 1  # --on-worker-failure exit
+        finally:
+            torchrun.kill()
+            torchrun.wait()
+
+
+def httpx_health(srv: Server, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(srv.url + "/health", timeout=2).status_code
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError("the server never answered /health")

@@ -1,0 +1,47 @@
+"""Run the front end under uvicorn, with a drain on the first SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from .app import ServeSettings, create_app
+from .ranks import Ranks
+
+log = logging.getLogger("zp_compile.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that the first SIGTERM/SIGINT drains: new requests get 503, accepted
+    ones finish, then the server stops and exits 0. A second signal stops at once."""
+
+    def handle_exit(self, sig, frame) -> None:  # replaces uvicorn's, which re-raises the signal at exit
+        state = getattr(self.config.app.state, "zp", None)
+        if state is None or state.draining:
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        log.info("zp-compile: %s received: draining", signal.Signals(sig).name)
+        state.begin_drain()
+
+    async def on_tick(self, counter: int) -> bool:
+        state = getattr(self.config.app.state, "zp", None)
+        if state is not None and (state.exit_requested or (state.draining and state.inflight == 0)):
+            return True
+        return await super().on_tick(counter)
+
+
+def run(settings: ServeSettings, ranks: Ranks, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Serve until drained (exit status 0) or until the ranks fail with ``on_worker_failure="exit"``
+    or cannot start (status 1). Returns the exit status."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model)
+    config = AutoConfig.from_pretrained(settings.model)
+    app = create_app(settings, ranks, tokenizer, config)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30))
+    server.run()
+    state = getattr(app.state, "zp", None)
+    return state.exit_code if state is not None else 1
