@@ -23,6 +23,8 @@ class Metrics:
         self.step_flops = Gauge("zp_step_flops", "model FLOPs of the last step, per rank", ["rank"], registry=r)
         self.rank_tokens = Counter("zp_rank_tokens", "prompt tokens scored, per rank", ["rank"], registry=r)
         self.rank_flops = Counter("zp_rank_flops", "model FLOPs run, per rank", ["rank"], registry=r)
+        self.imbalance = Histogram("zp_step_flops_imbalance", "per step: max over ranks of the step's FLOPs / their mean (1 = balanced)",
+                                   buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 4, 8, 16), registry=r)  # fmt: skip
         self.dropped = Counter("zp_sequences_dropped", "queued sequences dropped unrun (client gone or timed out)", registry=r)
         self.worker_failures = Counter("zp_worker_failures", "times the ranks failed (died, hung or raised)", registry=r)
 
@@ -32,6 +34,8 @@ class Metrics:
 
     def record_step(self, tokens: list[int], flops: list[float]) -> None:
         self.steps.inc()
+        if sum(flops) > 0:
+            self.imbalance.observe(max(flops) * len(flops) / sum(flops))
         for rank, (t, f) in enumerate(zip(tokens, flops)):
             self.step_tokens.labels(rank).set(t)
             self.step_flops.labels(rank).set(f)
