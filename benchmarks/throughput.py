@@ -42,14 +42,21 @@ import zp_compile
 MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
 
 
-def checkpoint(rank: int) -> Path:
+def build_checkpoint() -> Path:
+    """The benchmark checkpoint (``$ZP_BENCH_CKPT``, default /tmp/zp-bench-qwen3moe-82m), built if missing."""
     from zp_compile.models import tiny
 
     path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m"))
-    if rank == 0 and not (path / "model.safetensors").exists():
+    if not (path / "model.safetensors").exists():
         tiny("qwen3_moe", path, dtype=torch.bfloat16, head_dim=64, intermediate_size=1024, **MODEL)
-    dist.barrier()
     return path
+
+
+def checkpoint(rank: int) -> Path:
+    if rank == 0:
+        build_checkpoint()
+    dist.barrier()
+    return build_checkpoint()  # built by rank 0 by now: only the path
 
 
 def load(strategy: str, path: Path, backend: str):

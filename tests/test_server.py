@@ -341,7 +341,8 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
             load.start()
             steps = srv.metric("zp_steps_total")
             wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
-            victim = srv.ranks()[1]
+            old = srv.ranks()
+            victim = old[1]
             victim.send_signal(fault)
             load.join(90)
             assert not load.is_alive(), "requests still waiting 90 s after a rank failed"
@@ -351,6 +352,10 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
                 if r.status_code == 503:
                     assert "worker rank failed" in r.json()["error"]["message"] or "not ready" in r.json()["error"]["message"]
             srv.wait_healthy()  # restarted
+            import psutil
+
+            _, alive = psutil.wait_procs(old, timeout=30)
+            assert not alive, f"ranks of the failed generation still alive after {signal.Signals(fault).name}"
             assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
         assert srv.metric("zp_worker_failures_total") == 2
         # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
@@ -369,6 +374,18 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
 
         _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, "ranks outlived the drained server"
+
+
+def test_ranks_exit_when_the_front_end_is_killed(checkpoint):
+    import psutil
+
+    with Server(checkpoint, "--backend", "eager", "--labels", *LABELS) as srv:
+        ranks = srv.ranks()
+        assert len(ranks) == 2
+        srv.proc.kill()  # SIGKILL: no drain, no goodbye to the ranks
+        srv.proc.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, "ranks outlived a killed front end"
 
 
 def test_external_ranks_join_and_failure_exits(checkpoint):

@@ -201,11 +201,108 @@ def run_serve(args: argparse.Namespace) -> int:
     return run(settings, ranks, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _add_bench_serve(sub) -> None:
+    p = sub.add_parser("bench-serve", help="load generator for a running zp-compile serve (vllm bench serve's flags)",
+                       description="Send prompts of exact token lengths to a running server (Poisson arrivals) and report "
+                       "throughput, latency and the server's /metrics deltas (steps, FLOPs imbalance, tokens per rank).")  # fmt: skip
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    p.add_argument("--endpoint", default="/classify", choices=["/classify", "/score", "/v1/completions"])
+    p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="sent as 'Authorization: Bearer KEY' (env ZP_API_KEY)")
+    p.add_argument("--model", help="model name sent in the bodies (default: the id GET /v1/models gives)")
+    p.add_argument("--tokenizer", help="the server's tokenizer directory, to build prompts of exact token lengths "
+                   "(default: the built-in default checkpoint's, when the server serves it)")  # fmt: skip
+    p.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix", "mix"],
+                   help="random: random words; shared-prefix: groups sharing a system prompt (sglang's generated-shared-prefix); "
+                   "mix: the paper-like mix of zp_compile/workloads.py, clipped to the server's max_model_len")  # fmt: skip
+    p.add_argument("--num-prompts", type=int, default=1000, help="random and mix (default %(default)s); shared-prefix sends groups x prompts per group")
+    p.add_argument("--random-input-len", type=int, default=1024, help="tokens per prompt, special tokens included (default %(default)s)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * (1 - r), len * (1 + r)] (default %(default)s)")
+    p.add_argument("--gsp-num-groups", type=int, default=64)
+    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=2048, help="shared prefix tokens, special tokens included (default %(default)s)")
+    p.add_argument("--gsp-question-len", type=int, default=128)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals; inf: all at once (default)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson, < 1 burstier (default %(default)s)")
+    p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=3600.0, help="client timeout per request, seconds (default %(default)s)")
+    p.add_argument("--save-result", action="store_true", help="write the report and every request's outcome as JSON")
+    p.add_argument("--result-dir", help="directory of the JSON (default: the current one)")
+    p.add_argument("--result-filename", help="default: zp-{dataset}-{rate}qps-concurrency{c}-{date}.json")
+    p.set_defaults(run=run_bench_serve)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+    import math
+    from datetime import datetime
+    from pathlib import Path
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from . import bench_serve as bench
+
+    base = args.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        r = httpx.get(base + "/v1/models", headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {base}/v1/models: {e}") from None
+    if r.status_code != 200:
+        raise ValueError(f"GET {base}/v1/models answered {r.status_code}: {r.text[:200]}")
+    card = r.json()["data"][0]
+    model, max_model_len = args.model or card["id"], card["max_model_len"]
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        from .models import default_checkpoint
+
+        tokenizer_dir = default_checkpoint()
+        if card["id"] != tokenizer_dir.name:
+            raise ValueError(f"the server serves {card['id']!r}, not the built-in default checkpoint: pass --tokenizer DIR "
+                             "(the server's tokenizer) so that prompts have exact token lengths")  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = {"seed": args.seed, "endpoint": args.endpoint, "model": model}
+    if args.dataset_name == "random":
+        requests = bench.random_dataset(tokenizer, args.num_prompts, args.random_input_len, args.random_range_ratio, **kw)
+    elif args.dataset_name == "shared-prefix":
+        requests = bench.shared_prefix_dataset(tokenizer, args.gsp_num_groups, args.gsp_prompts_per_group,
+                                               args.gsp_system_prompt_len, args.gsp_question_len, **kw)  # fmt: skip
+    else:
+        requests = bench.mix_dataset(tokenizer, args.num_prompts, max_model_len, **kw)
+    longest = max((n for _, n in requests), default=0)
+    if longest > max_model_len:
+        flags = "--random-input-len, --random-range-ratio" if args.dataset_name == "random" else "--gsp-system-prompt-len + --gsp-question-len"
+        raise ValueError(f"{args.dataset_name} prompts reach {longest} tokens; the server's max_model_len is {max_model_len}: lower {flags}")
+    concurrency = args.max_concurrency or "no limit"
+    print(f"bench-serve: {len(requests)} {args.dataset_name} prompts ({sum(n for _, n in requests):,} tokens) to {base}{args.endpoint}, "
+          f"request rate {args.request_rate:g}/s (burstiness {args.burstiness:g}), max concurrency {concurrency}", flush=True)  # fmt: skip
+    result = asyncio.run(bench.run(base, args.endpoint, requests, request_rate=args.request_rate, burstiness=args.burstiness,
+                                   max_concurrency=args.max_concurrency, seed=args.seed, api_key=args.api_key,
+                                   timeout=args.request_timeout))  # fmt: skip
+    print(bench.format_result(result))
+    if args.save_result:
+        now = datetime.now()
+        rate = "inf" if math.isinf(args.request_rate) else args.request_rate  # JSON has no infinity
+        name = args.result_filename or f"zp-{args.dataset_name}-{rate}qps-concurrency{args.max_concurrency}-{now:%Y%m%d-%H%M%S}.json"
+        path = Path(args.result_dir or ".") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {"date": now.isoformat(timespec="seconds"), "base_url": base, "model_id": model, "tokenizer_id": str(tokenizer_dir),
+                    "dataset_name": args.dataset_name, "request_rate": rate, "burstiness": args.burstiness,
+                    "max_concurrency": args.max_concurrency, "seed": args.seed}  # fmt: skip
+        path.write_text(json.dumps({**settings, **dataclasses.asdict(result)}, indent=2))
+        print(f"bench-serve: result written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zp-compile", description="zp-compile command line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_plan(sub)
     _add_serve(sub)
+    _add_bench_serve(sub)
     args = parser.parse_args(argv)
     try:
         code = args.run(args)

@@ -158,10 +158,18 @@ class Ranks:
                 self.kill()
 
     def kill(self) -> None:
-        """Kill the local torchrun tree (external ranks are their own launcher's business)."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Kill the local ranks and their torchrun (external ranks are their own launcher's business).
+
+        The ranks by pid as well as torchrun's process group: torchrun starts its workers in sessions of
+        their own, and a stopped (hung) rank never acts on the SIGTERM torchrun would send it.
+        """
+        if self.proc is None:
+            return
+        keys = [f"{self.prefix}/pid/{r}" for r in range(self.settings.ranks)]
+        pids = [self.proc.pid] + [int(self.store.get(k)) for k in keys if self.store.check([k])]
+        for pid in pids:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.killpg(pid, signal.SIGKILL) if pid == self.proc.pid else os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-            self.proc.wait()
+        self.proc.wait()

@@ -23,6 +23,11 @@ class Sequence:
     flops: float = 0.0
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None
+    # Routing (ThresholdScheduler, server/routing.py): the rank it is queued on or ran on, the prompt
+    # tokens that rank's prefix cache supplied, and the prompt's block hashes (server/prefix.py).
+    rank: int | None = None
+    cached_tokens: int = 0
+    block_hashes: list[bytes] | None = field(default=None, repr=False)
 
     def payload(self) -> dict:
         return {"ids": self.ids, **self.readout}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 
@@ -41,6 +42,10 @@ def run(settings: ServeSettings, ranks: Ranks, *, host: str = "127.0.0.1", port:
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model)
     config = AutoConfig.from_pretrained(settings.model)
     app = create_app(settings, ranks, tokenizer, config)
+    # Everything imported so far (torch, transformers, the tokenizer) lives as long as the server: keep it
+    # out of the cyclic GC, whose full passes over it stalled the event loop for ~0.3 s under load.
+    gc.collect()
+    gc.freeze()
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30))
     server.run()
     state = getattr(app.state, "zp", None)

@@ -9,6 +9,7 @@ JSON (never pickle: the port carries no code). Keys live under ``g{generation}/`
 before a restart can never answer for the new ones:
 
 - ``settings``: what to load (the front end writes it before ``generation``);
+- ``pid/{rank}``: its process id, set first (the front end kills a hung local rank by pid);
 - ``ready/{rank}``: a rank has loaded and compiled the model (value: facts about it);
 - ``beat/{rank}``: a counter each rank bumps every 0.5 s from a side thread (liveness);
 - ``step/{n}/{rank}``: the rank's batch for step n (every rank runs every step: the gathers are
@@ -105,8 +106,10 @@ def _heartbeat(address: str, key: str) -> None:
     while True:
         try:
             store.add(key, 1)
-        except Exception:  # the front end is gone; the main loop fails on its next read and exits
-            return
+        except Exception:
+            # The front end is gone (killed, crashed): nobody will ever send another step. Exit now; the
+            # main thread may be blocked in a read or in a collective with a peer that never returns.
+            os._exit(3)
         time.sleep(0.5)
 
 
@@ -139,6 +142,7 @@ def serve(address: str) -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    store.set(f"{prefix}/pid/{rank}", str(os.getpid()))  # lets the front end kill a hung rank on this host
     try:
         if world != settings["ranks"]:
             raise RuntimeError(f"the front end expects {settings['ranks']} ranks but torchrun started {world}")
@@ -153,7 +157,7 @@ def serve(address: str) -> None:
         model = _load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
         warm_up(model, device, vocab)
-        info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device), "pid": os.getpid()}
+        info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device)}
         store.set(f"{prefix}/ready/{rank}", json.dumps(info))
         step = 0
         while True:

@@ -1,0 +1,332 @@
+"""The front end's scheduler: block hashes, the per-rank prefix-cache view, routing policies, FLOPs after
+reuse, saturation-threshold admission on an injected clock, discard/drain, and the replay. Pure Python:
+no model, no ranks, no timing asserts."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+
+import pytest
+
+from zp_compile.planner import ModelSpec, flops_per_request
+from zp_compile.server.prefix import BLOCK, PrefixCache, block_hashes, cache_tokens_for_bytes, cacheable_blocks, kv_bytes_per_token
+from zp_compile.server.routing import (
+    RankView,
+    RoundRobin,
+    RouterSettings,
+    ThresholdScheduler,
+    ZeroPrefill,
+    cache_aware,
+    least_flops,
+    make_policy,
+    replay,
+)
+from zp_compile.server.scheduler import Sequence, padded_len
+
+# The planner's hand-counted toy (tests/test_planner.py): 856 active parameters per token, attention
+# 2 * heads * (qk + v) = 32 FLOPs per key per layer over 2 layers, lm_head 2 * 8 * 10 = 160.
+TOY = ModelSpec("toy", layers=2, hidden=8, vocab=10, heads=2, kv_heads=1, head_dim=4, experts=4, top_k=2,
+                expert_ffn=6, moe_layers=(1,), dense_ffn=5)  # fmt: skip
+
+
+def seq(ids) -> Sequence:
+    return Sequence(list(ids), {}, None)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def padded(batch: list[Sequence]) -> int:
+    """Padded tokens of a batch without reuse: batch x padded width."""
+    return len(batch) * max((padded_len(len(s.ids)) for s in batch), default=0)
+
+
+def blocks(n_blocks: int, start: int = 100) -> list[int]:
+    return list(range(start, start + n_blocks * BLOCK))
+
+
+# ---- block hashing ---------------------------------------------------------------------------------
+
+
+def test_block_hashes_are_chained_blake2b_of_full_blocks():
+    a, b, x = blocks(1, 0), blocks(1, 500), blocks(1, 900)
+    ha, hb = block_hashes(a + x), block_hashes(b + x)
+    assert len(ha) == 2 and ha[0] != hb[0]
+    assert ha[1] != hb[1]  # the same block after a different prefix
+    assert block_hashes(a + x) == ha  # deterministic
+    first = hashlib.blake2b(struct.pack("<16I", *a), digest_size=16).digest()
+    assert ha[0] == first  # content-defined (not Python's salted hash): the same in every process
+    assert ha[1] == hashlib.blake2b(first + struct.pack("<16I", *x), digest_size=16).digest()
+
+
+def test_partial_last_block_is_not_hashed_and_the_last_token_is_never_cached():
+    assert len(block_hashes(list(range(47)))) == 2
+    assert len(block_hashes(list(range(48)))) == 3
+    assert block_hashes([]) == [] and block_hashes(list(range(15))) == []
+    assert [cacheable_blocks(n) for n in (0, 1, 16, 17, 32, 33, 48, 49)] == [0, 0, 0, 1, 1, 2, 2, 3]
+    cache = PrefixCache(1024)
+    prompt = blocks(2)  # 32 tokens: both blocks are held after it runs ...
+    cache.insert(block_hashes(prompt))
+    assert len(cache) == 2
+    # ... but the same prompt again reuses one: the 32nd token's logits are the answer.
+    assert cache.match(block_hashes(prompt), cacheable_blocks(len(prompt))) == 1
+    assert cache.match(block_hashes(prompt + [7]), cacheable_blocks(33)) == 2
+
+
+# ---- the prefix-cache view ----------------------------------------------------------------------------
+
+
+def test_lru_evicts_leaves_first_and_a_parent_keeps_its_own_age():
+    h0, h1, h2 = block_hashes(blocks(3))
+    _, g1 = block_hashes(blocks(1) + blocks(1, 700))
+    k0, j0 = block_hashes(blocks(1, 900))[0], block_hashes(blocks(1, 1200))[0]
+    cache = PrefixCache(4 * BLOCK)
+    assert cache.insert([h0, h1, h2]) == []  # uses: h0 1, h1 2, h2 3
+    assert cache.insert([h0, g1]) == []  # h0 4, g1 5: full
+    # Least recently used is h1, but h2 depends on it: the LRU leaf h2 goes first.
+    assert cache.insert([k0]) == [h2]
+    # Now h1 is a leaf, with its own last use (2), older than g1's (5).
+    assert cache.insert([j0]) == [h1]
+    assert h0 in cache and g1 in cache and k0 in cache and j0 in cache and len(cache) == 4
+    assert cache.match([h0, h1, h2]) == 1
+
+
+def test_a_chain_longer_than_the_budget_keeps_its_head():
+    chain = block_hashes(blocks(4))
+    cache = PrefixCache(2 * BLOCK)
+    assert cache.insert(chain) == []
+    assert cache.match(chain) == 2
+    empty = PrefixCache(0)
+    empty.insert(chain)
+    assert len(empty) == 0 and empty.match(chain) == 0
+
+
+def test_a_step_looks_up_before_it_inserts():
+    prompt = blocks(3) + [1]
+    h = block_hashes(prompt)
+    cache = PrefixCache(1024)
+    hits, evicted = cache.step([h, h], [cacheable_blocks(len(prompt))] * 2)
+    assert hits == [0, 0] and evicted == []  # one forward: the second copy cannot reuse the first's KV
+    assert cache.step([h], [cacheable_blocks(len(prompt))])[0] == [3]
+
+
+def test_kv_budget_from_bytes():
+    per_token = TOY.layers * 2 * TOY.kv_heads * TOY.head_dim * 2  # K and V, bf16
+    assert kv_bytes_per_token(TOY) == per_token == 32
+    assert cache_tokens_for_bytes(TOY, 100 * per_token) == 96  # whole blocks only
+
+
+# ---- policies ---------------------------------------------------------------------------------------
+
+
+def view(matched=0, flops=10.0, load_flops=0.0, load_tokens=0, tree_tokens=0) -> RankView:
+    return RankView(matched, flops, load_flops, load_tokens, tree_tokens)
+
+
+def test_round_robin_and_least_flops():
+    rr = RoundRobin()
+    ranks = [view(matched=64), view(), view()]
+    assert [rr(ranks, 100) for _ in range(4)] == [0, 1, 2, 0]
+    # least_flops is blind to prefixes: the empty rank wins over the one holding the prompt.
+    assert least_flops([view(matched=96, flops=1.0, load_flops=5.0), view(load_flops=4.0)], 100) == 1
+    assert least_flops([view(load_flops=4.0), view(load_flops=4.0)], 100) == 0
+
+
+def test_cache_aware_follows_sglang():
+    # Balanced: the longest match wins when its match rate (48/100) is over 0.3 ...
+    assert cache_aware([view(load_tokens=100), view(matched=48, load_tokens=120)], 100) == 1
+    # ... else the smallest tree, whatever the match.
+    assert cache_aware([view(matched=16, tree_tokens=500), view(tree_tokens=200)], 100) == 1
+    # Imbalanced needs both: difference over 64 tokens AND ratio over 1.5. Then the least loaded.
+    assert cache_aware([view(matched=96, load_tokens=200), view(load_tokens=100)], 100) == 1
+    assert cache_aware([view(matched=96, load_tokens=160), view(load_tokens=100)], 100) == 0  # ratio 1.6, difference 60
+    assert cache_aware([view(matched=96, load_tokens=1400), view(load_tokens=1000)], 100) == 0  # difference 400, ratio 1.4
+
+
+def test_zero_prefill_takes_the_longest_prefix_within_the_bound():
+    policy = ZeroPrefill(bound_flops=100.0)
+    # The rank holding 64 tokens wins although it is busier: 50 + 20 <= 0 + 100.
+    assert policy([view(load_flops=0.0, flops=90.0), view(matched=64, load_flops=50.0, flops=20.0)], 80) == 1
+    # The longer of two matches wins.
+    assert policy([view(matched=32, flops=50.0), view(matched=64, flops=20.0), view(flops=90.0)], 80) == 1
+    # Over the bound (90 + 20 > 0 + 100): the rank whose load after taking it is least.
+    assert policy([view(load_flops=0.0, flops=90.0), view(matched=64, load_flops=90.0, flops=20.0)], 80) == 0
+    # ... which counts a shorter match elsewhere: rank 2 (40 + 30) beats the idle rank 0 (0 + 90).
+    ranks = [view(flops=90.0), view(matched=64, load_flops=90.0, flops=20.0), view(matched=32, load_flops=40.0, flops=30.0)]
+    assert policy(ranks, 80) == 2
+    # No match anywhere: least load after taking it.
+    assert policy([view(load_flops=30.0), view(load_flops=20.0)], 80) == 1
+    assert make_policy("zero_prefill", 50.0, balance_bound=2.0) == ZeroPrefill(100.0)
+    with pytest.raises(ValueError, match="unknown routing policy 'fifo'"):
+        make_policy("fifo", 1.0)
+
+
+# ---- FLOPs after reuse ------------------------------------------------------------------------------
+
+
+def test_flops_of_new_and_cached_tokens_by_hand():
+    clock = Clock()
+    settings = RouterSettings(threshold_flops=1.0, max_tokens=256, max_wait_ms=0, cache_tokens=1024)
+    sched = ThresholdScheduler(1, TOY, settings, clock)
+    prompt = blocks(2) + [5]  # 33 tokens: 2 full blocks, both cacheable
+    first, again = seq(prompt), seq(prompt)
+    sched.add([first])
+    assert sched.next_step() == [[first]]
+    # 33 new tokens: 2 * 856 * 33 dense + 32 FLOPs per key in 2 layers over 1 + 2 + ... + 33 keys + lm_head.
+    assert first.cached_tokens == 0 and first.flops == 2 * 856 * 33 + 64 * (33 * 34 // 2) + 160 == 92560
+    sched.add([again])
+    assert sched.views(again)[0].matched == 32
+    assert sched.next_step() == [[again]]
+    # 1 new token after 32 cached ones: it attends to 33 keys.
+    assert again.cached_tokens == 32 and again.flops == 2 * 856 + 64 * 33 + 160 == 3984
+    assert again.flops == flops_per_request(TOY, new=1, cached=32)
+    assert sched.last_step.cached_tokens == [32] and sched.last_step.tokens == [1] and sched.last_step.flops == [3984]
+
+
+# ---- admission ----------------------------------------------------------------------------------------
+
+
+def test_light_load_holds_a_lone_request_for_max_wait_then_runs_it():
+    clock = Clock()
+    T = flops_per_request(TOY, 1000)
+    sched = ThresholdScheduler(2, TOY, RouterSettings(T, max_tokens=256, max_wait_ms=50.0), clock)
+    assert sched.next_step() == [[], []] and sched.wake_in() is None  # nothing waiting
+    s = seq(range(40))
+    sched.add([s])
+    assert sched.next_step() == [[], []]
+    assert sched.wake_in() == pytest.approx(0.050)
+    clock.t = 0.049
+    assert sched.next_step() == [[], []] and sched.waiting() == 1
+    assert sched.wake_in() == pytest.approx(0.001)
+    clock.t = 0.050
+    batches = sched.next_step()
+    assert batches == [[s], []] and sched.waiting() == 0
+    assert sched.last_step.below_threshold and sched.wake_in() is None
+
+
+def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
+    rng = random.Random(0)
+    clock = Clock()
+    T = flops_per_request(TOY, 120)
+    settings = RouterSettings(T, max_tokens=1024, max_seqs=16, max_wait_ms=10.0, policy="least_flops")
+    sched = ThresholdScheduler(3, TOY, settings, clock)
+    lengths = [rng.randrange(200, 250) if rng.random() < 0.1 else rng.randrange(20, 90) for _ in range(300)]
+    seqs = [seq(rng.randrange(10) for _ in range(n)) for n in lengths]
+    sched.add(seqs)
+    ran, below, steps, held = [], 0, 0, 0
+    while sched.waiting():
+        batches = sched.next_step()
+        if not any(batches):
+            held += 1
+            clock.t += sched.wake_in()
+            continue
+        steps += 1
+        info = sched.last_step
+        for b, f in zip(batches, info.flops):
+            assert len(b) <= 16 and padded(b) <= 1024
+            assert f == pytest.approx(sum(s.flops for s in b))
+            assert not b or f - b[-1].flops < T  # a rank stops taking work once it reaches T
+        assert info.below_threshold == (max(info.flops) < T)
+        if sched.waiting():
+            assert min(info.flops) >= T  # work left over: every rank was filled to T
+        below += info.below_threshold
+        ran += [s for b in batches for s in b]
+    assert sorted(map(id, ran)) == sorted(map(id, seqs))  # each sequence exactly once
+    assert steps > 10 and held <= 1 and below <= 1  # only the tail may wait, and run, under T
+
+
+def test_a_sequence_over_the_padded_budget_is_passed_over_for_one_step_not_starved():
+    sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=128, max_wait_ms=0.0), Clock())
+    a, long, c, d = seq(range(16)), seq(range(100)), seq(range(16)), seq(range(16))
+    sched.add([a, long, c, d])
+    assert sched.next_step() == [[a, c, d]]  # 2 x 112 padded tokens would not fit: the short ones go on
+    assert sched.next_step() == [[long]]  # now the head: it always runs
+
+
+def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():
+    clock = Clock()
+    T = flops_per_request(TOY, 100)
+    settings = RouterSettings(T, max_tokens=512, max_wait_ms=10.0, cache_tokens=4096, balance_bound=1e9)
+    sched = ThresholdScheduler(2, TOY, settings, clock)
+    prefix = blocks(4)
+    seqs = [seq(prefix + [i] * 20) for i in range(12)]
+    sched.add(seqs)
+    assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
+    batches = sched.next_step()
+    assert batches[0] and batches[1]
+    assert all(s.rank == 1 for s in batches[1]) and min(sched.last_step.flops) >= T
+    assert batches[1][0] is seqs[len(batches[0])]  # rank 1 took the oldest of rank 0's leftovers
+    # The next step: rank 0 reuses the prefix its first step cached; rank 1 computed it too.
+    batches = sched.next_step()
+    assert all(s.cached_tokens == 64 for b in batches for s in b)
+
+
+def test_the_view_matches_a_rank_side_cache_that_follows_the_contract():
+    rng = random.Random(1)
+    clock = Clock()
+    budget = 24 * BLOCK
+    settings = RouterSettings(flops_per_request(TOY, 150), max_tokens=512, max_wait_ms=5.0, cache_tokens=budget)
+    sched = ThresholdScheduler(2, TOY, settings, clock)
+    rank_side = [PrefixCache(budget) for _ in range(2)]  # what each rank would run on its own batches
+    prefixes = [[rng.randrange(10) for _ in range(rng.choice((32, 64, 80)))] for _ in range(5)]
+    hits = 0
+    for _ in range(40):
+        sched.add([seq(rng.choice(prefixes) + [rng.randrange(10) for _ in range(rng.randrange(1, 40))]) for _ in range(rng.randrange(6))])
+        clock.t += 0.002
+        batches = sched.next_step()
+        for r, b in enumerate(batches):
+            reused, _ = rank_side[r].step([s.block_hashes for s in b], [cacheable_blocks(len(s.ids)) for s in b])
+            assert [h * BLOCK for h in reused] == [s.cached_tokens for s in b]
+            hits += sum(reused)
+    assert hits > 0
+
+
+def test_discard_and_drain():
+    clock = Clock()
+    sched = ThresholdScheduler(2, TOY, RouterSettings(flops_per_request(TOY, 1000), max_tokens=256, cache_tokens=1024), clock)
+    a, b, c = seq(blocks(2) + [1]), seq(range(30)), seq(range(40))
+    sched.add([a, b, c])
+    assert sched.discard([b, seq(range(5))]) == 1 and sched.waiting() == 2
+    assert sched.views(seq(blocks(2) + [2]))[a.rank].matched == 32  # a's blocks count while it is queued
+    clock.t = 1.0
+    ran = [s for batch in sched.next_step() for s in batch]
+    assert sorted(map(id, ran)) == sorted(map(id, [a, c])) and sched.discard([a]) == 0
+    d, e = seq(blocks(2) + [3]), seq(range(50))
+    sched.add([d, e])
+    assert d.rank == a.rank and sched.views(d)[a.rank].matched == 32  # cached on a's rank
+    assert sched.drain() == [d, e] and sched.waiting() == 0
+    assert sched.next_step() == [[], []]
+    # The ranks restarted empty: so does the view.
+    assert all(v.matched == 0 and v.tree_tokens == 0 for v in sched.views(d))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="threshold_flops"):
+        RouterSettings(0.0)
+    sched = ThresholdScheduler(2, TOY, RouterSettings(1.0, max_tokens=64))
+    with pytest.raises(ValueError, match="a 65-token sequence cannot fit a step of 64 tokens"):
+        sched.add([seq(range(65))])
+
+
+# ---- replay -----------------------------------------------------------------------------------------
+
+
+def test_replay_rewards_prefix_affinity():
+    rng = random.Random(2)
+    prefixes = [[rng.randrange(10) for _ in range(64)] for _ in range(4)]
+    trace = [(0.0, rng.choice(prefixes) + [rng.randrange(10) for _ in range(8)]) for _ in range(64)]
+    results = {}
+    for policy in ("round_robin", "zero_prefill"):
+        settings = RouterSettings(flops_per_request(TOY, 200), max_tokens=512, cache_tokens=2 * 80, policy=policy)
+        results[policy] = replay(trace, TOY, 2, settings, flops_per_s=1e6)
+    rr, zp = results["round_robin"], results["zero_prefill"]
+    assert rr.requests == zp.requests == 64 and rr.prompt_tokens == zp.prompt_tokens == 64 * 72
+    assert zp.hit_rate > rr.hit_rate and zp.tokens_per_s > rr.tokens_per_s
+    assert 0.0 <= zp.below_threshold <= 1.0 and zp.imbalance >= 1.0

@@ -1,0 +1,455 @@
+"""The front end's scheduler: prefix-aware routing of sequences to ranks, and admission of each step by
+the saturation threshold T (the paper's front end, NOTES.md).
+
+- Routing, when a sequence arrives: a policy picks its rank from, per rank, the prompt tokens that rank
+  will be able to reuse and the rank's load in true FLOPs (``flops_per_request`` of the uncached tokens
+  after the cached ones), queued and running. The policies share one signature,
+  ``policy(views: list[RankView], n_tokens) -> rank``: ``RoundRobin``, ``least_flops``,
+  ``cache_aware`` (SGLang's router) and ``ZeroPrefill`` (ours: longest cached prefix, unless that
+  pushes the ranks' FLOPs more than a bound apart).
+- Admission, each step (``ThresholdScheduler.next_step``): every rank takes its queued sequences in
+  order until its step's FLOPs reach T, within its padded-token and sequence budgets; a rank still
+  under T then takes the oldest sequences other ranks cannot run this step; while even the busiest
+  rank is under T and nothing is left over, the step is held back, for at most ``max_wait_ms`` after
+  the oldest waiting sequence arrived.
+- The front end's view of every rank's prefix cache (``prefix.PrefixCache``) is updated when a step is
+  scheduled; the contract the rank-side cache must follow for the view to be exact is in
+  ``zp_compile/server/prefix.py``.
+- ``replay`` runs the same scheduler on a trace under a cost model (no model, no server).
+
+Every decision depends only on the arrival order, the injected clock and the step results the
+scheduler itself produced, so a replay is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..planner import ModelSpec, flops_per_request
+from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
+from .scheduler import Sequence, padded_len
+
+# ----------------------------------------------------------------------------------------------------
+# Policies
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank as a routing policy sees it, for the sequence being routed."""
+
+    matched: int  # leading prompt tokens the rank holds or will hold: its cache view + its queued sequences' blocks
+    flops: float  # the sequence's FLOPs there: its tokens after ``matched`` reused ones
+    load_flops: float  # FLOPs queued on the rank (estimates) and running there (the last step)
+    load_tokens: int  # uncached prompt tokens queued and running there
+    tree_tokens: int  # tokens in the cache view plus queued blocks (SGLang's "tree size"; overlaps counted twice)
+
+
+Policy = Callable[[list[RankView], int], int]  # (one view per rank, prompt tokens) -> rank
+
+
+class RoundRobin:
+    """Rank 0, 1, ..., N-1, 0, ... whatever the state."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self, ranks: list[RankView], n_tokens: int) -> int:
+        r = self._next % len(ranks)
+        self._next += 1
+        return r
+
+
+def least_flops(ranks: list[RankView], n_tokens: int) -> int:
+    """The rank with the least FLOPs queued and running, blind to prefixes; ties: lowest rank."""
+    return min(range(len(ranks)), key=lambda r: (ranks[r].load_flops, r))
+
+
+def _least_after(ranks: list[RankView]) -> int:
+    """The rank whose load would be least after taking the sequence (its FLOPs there, net of what that
+    rank reuses); ties: lowest rank."""
+    return min(range(len(ranks)), key=lambda r: (ranks[r].load_flops + ranks[r].flops, r))
+
+
+def cache_aware(ranks: list[RankView], n_tokens: int, *, cache_threshold: float = 0.3, balance_abs: int = 64,
+                balance_rel: float = 1.5) -> int:  # fmt: skip
+    """SGLang's router policy ``cache_aware`` (sgl-router ``policies/cache_aware.rs``, defaults
+    cache_threshold 0.3, balance_abs_threshold 64, balance_rel_threshold 1.5).
+
+    Followed: the system is imbalanced when BOTH max - min load > balance_abs AND max > balance_rel x
+    min; then the least-loaded rank. Otherwise the rank with the longest prefix match if its match rate
+    (matched / prompt length) exceeds cache_threshold, else the rank with the smallest tree.
+    Differs: SGLang's load is the count of requests in flight per worker and its approximate tree is
+    over characters, inserted at routing time and trimmed by a periodic eviction thread; here load is
+    uncached prompt tokens queued and running (so 64 is "tokens of queued work"), and the tree is this
+    scheduler's block view (the exact cache mirror plus the blocks of queued sequences, also inserted
+    at routing time).
+    """
+    loads = [v.load_tokens for v in ranks]
+    hi, lo = max(loads), min(loads)
+    if hi - lo > balance_abs and hi > balance_rel * lo:
+        return loads.index(lo)
+    best = max(range(len(ranks)), key=lambda r: (ranks[r].matched, -ranks[r].load_tokens, -r))
+    if n_tokens and ranks[best].matched / n_tokens > cache_threshold:
+        return best
+    return min(range(len(ranks)), key=lambda r: (ranks[r].tree_tokens, r))
+
+
+@dataclass(frozen=True)
+class ZeroPrefill:
+    """Ours: the rank holding the sequence's longest prefix (ties: least load after taking it), unless
+    its load after taking the sequence would exceed the least-loaded rank's load + ``bound_flops``;
+    then, as with no match anywhere, the rank whose load would be least after taking it (which still
+    counts a shorter match elsewhere)."""
+
+    bound_flops: float
+
+    def __call__(self, ranks: list[RankView], n_tokens: int) -> int:
+        after = [v.load_flops + v.flops for v in ranks]
+        best = max(range(len(ranks)), key=lambda r: (ranks[r].matched, -after[r], -r))
+        if ranks[best].matched == 0 or after[best] > min(v.load_flops for v in ranks) + self.bound_flops:
+            return _least_after(ranks)
+        return best
+
+
+POLICIES = ("round_robin", "least_flops", "cache_aware", "zero_prefill")
+
+
+def make_policy(name: str, threshold_flops: float, balance_bound: float = 1.0) -> Policy:
+    """A policy by name; ``zero_prefill``'s bound is ``balance_bound`` x T."""
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "least_flops":
+        return least_flops
+    if name == "cache_aware":
+        return cache_aware
+    if name == "zero_prefill":
+        return ZeroPrefill(balance_bound * threshold_flops)
+    raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Admission
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """threshold_flops: T, FLOPs per rank per step (``threshold.saturation_threshold(...).flops_per_step``).
+    max_tokens / max_seqs: per rank per step, as FifoScheduler; the padded tokens counted are each
+        sequence's uncached tokens (what the rank computes; all of them while cache_tokens is 0).
+    max_wait_ms: longest a step is held back waiting for more work while every rank is under T.
+    cache_tokens: each rank's prefix-cache budget in tokens (``prefix.cache_tokens_for_bytes`` from
+        bytes); 0: no reuse (KV-cache-free ranks).
+    policy / balance_bound: the routing policy; zero_prefill's bound in units of T."""
+
+    threshold_flops: float
+    max_tokens: int = 8192
+    max_seqs: int = 256
+    max_wait_ms: float = 50.0
+    cache_tokens: int = 0
+    policy: str = "zero_prefill"
+    balance_bound: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.threshold_flops > 0:
+            raise ValueError(f"threshold_flops must be > 0, got {self.threshold_flops}")
+        if self.max_tokens < BLOCK or self.max_seqs < 1:
+            raise ValueError(f"need max_tokens >= {BLOCK} and max_seqs >= 1; got {self.max_tokens} and {self.max_seqs}")
+        if self.max_wait_ms < 0 or self.cache_tokens < 0 or self.balance_bound < 0:
+            raise ValueError(f"max_wait_ms ({self.max_wait_ms}), cache_tokens ({self.cache_tokens}) and "
+                             f"balance_bound ({self.balance_bound}) must be >= 0")  # fmt: skip
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(POLICIES)}")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``next_step`` returned, per rank (for the server's metrics)."""
+
+    flops: list[float]  # the step's FLOPs, reuse subtracted
+    tokens: list[int]  # uncached prompt tokens computed
+    cached_tokens: list[int]  # prompt tokens supplied by the rank's prefix cache (zp_prefix_hit_tokens_total)
+    below_threshold: bool  # even the busiest rank is under T: the gathers are not hidden (zp_steps_below_threshold_total)
+
+
+_EPS_S = 1e-9  # clock slack: a replay's "now + wake_in()" may land one rounding short of the deadline
+
+
+class _Fill:
+    """One rank's batch being assembled for the next step."""
+
+    def __init__(self, sched: ThresholdScheduler, rank: int):
+        self.sched, self.rank, self.cache = sched, rank, sched._caches[rank]
+        self.batch: list[Sequence] = []
+        self.hits: list[int] = []  # reused blocks per sequence
+        self.width = self.tokens = 0
+        self.flops = 0.0
+
+    @property
+    def full(self) -> bool:
+        """At T, at the sequence budget, or no sequence can fit the padded-token budget any more (the
+        batch's width never shrinks)."""
+        s = self.sched.settings
+        return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or (len(self.batch) + 1) * self.width > s.max_tokens
+
+    def take(self, s: Sequence) -> bool:
+        """Add ``s`` if the rank is under T and it fits the budgets; whether it was added."""
+        if self.full:
+            return False
+        n = len(s.ids)
+        hit = self.cache.match(s.block_hashes, cacheable_blocks(n))
+        new = n - hit * BLOCK
+        width = max(self.width, padded_len(new))
+        if (len(self.batch) + 1) * width > self.sched.settings.max_tokens:
+            return False
+        self.batch.append(s)
+        self.hits.append(hit)
+        self.width, self.tokens = width, self.tokens + new
+        self.flops += self.sched._flops(new, hit * BLOCK)
+        return True
+
+
+class ThresholdScheduler:
+    """The ``Scheduler`` protocol (drop-in for FifoScheduler) with per-rank queues, a routing policy, the
+    front end's prefix-cache views and admission by the saturation threshold.
+
+    Each ``next_step``:
+    1. Every rank takes its own queue in arrival order until its FLOPs reach T or its sequence budget;
+       a sequence that would push the batch (batch x padded width of the uncached tokens) over the
+       padded-token budget is passed over for this step and later ones may still fit. The head of
+       every queue always runs, so a passed-over sequence runs at the latest once all older ones
+       have: it can be overtaken, never starved.
+    2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
+       other ranks (those their own rank could not run this step), skipping any that do not fit, until
+       it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
+       takes work its own rank would have left for a later step, so it never delays that rank.
+    3. Hold: if the busiest rank is under T, nothing is left over and the oldest waiting sequence has
+       waited less than max_wait_ms, every batch is returned empty and ``wake_in`` says when to ask again.
+    4. Otherwise the step is committed: the prefix-cache views are updated per rank in batch order,
+       each sequence gets ``rank``, ``cached_tokens`` and its true ``flops``, and ``last_step`` describes
+       the step. The step returned by the previous call is taken to have finished (the server's step
+       loop asks again only after it has).
+
+    ``clock`` gives seconds (default time.monotonic); inject one to make tests and replays deterministic.
+    """
+
+    def __init__(self, ranks: int, spec: ModelSpec, settings: RouterSettings, clock: Callable[[], float] = time.monotonic):
+        if ranks < 1:
+            raise ValueError(f"need at least one rank, got {ranks}")
+        self.ranks, self.spec, self.settings, self.clock = ranks, spec, settings, clock
+        self.policy = make_policy(settings.policy, settings.threshold_flops, settings.balance_bound)
+        self._caches = [PrefixCache(settings.cache_tokens) for _ in range(ranks)]
+        self._queues: list[dict[Sequence, None]] = [{} for _ in range(ranks)]  # insertion-ordered sets
+        self._pending: list[Counter] = [Counter() for _ in range(ranks)]  # block hashes of queued sequences
+        self._since: dict[Sequence, float] = {}  # every queued sequence -> when it was added (clock)
+        self._estimate: dict[Sequence, tuple[float, int]] = {}  # (FLOPs, uncached tokens) at routing
+        self._queued_flops = [0.0] * ranks
+        self._queued_tokens = [0] * ranks
+        self._running_flops = [0.0] * ranks
+        self._running_tokens = [0] * ranks
+        self._held_until: float | None = None
+        self.last_step: StepInfo | None = None
+
+    def _flops(self, new: int, cached: int) -> float:
+        return flops_per_request(self.spec, new, cached)
+
+    # ---- the Scheduler protocol ---------------------------------------------------------------------
+    def add(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if padded_len(len(s.ids)) > self.settings.max_tokens:
+                raise ValueError(f"a {len(s.ids)}-token sequence cannot fit a step of {self.settings.max_tokens} tokens per rank")
+        now = self.clock()
+        for s in seqs:
+            views = self.views(s)
+            r = self.policy(views, len(s.ids))
+            if not 0 <= r < self.ranks:
+                raise RuntimeError(f"routing policy {self.settings.policy} chose rank {r} of {self.ranks}")
+            s.rank = r
+            self._queues[r][s] = None
+            self._since[s] = now
+            estimate = (views[r].flops, len(s.ids) - views[r].matched)
+            self._estimate[s] = estimate
+            self._queued_flops[r] += estimate[0]
+            self._queued_tokens[r] += estimate[1]
+            self._pending[r].update(s.block_hashes)
+
+    def discard(self, seqs: list[Sequence]) -> int:
+        n = 0
+        for s in seqs:
+            if s in self._since:
+                self._dequeue(s)
+                n += 1
+        return n
+
+    def waiting(self) -> int:
+        return len(self._since)
+
+    def next_step(self) -> list[list[Sequence]]:
+        now = self.clock()
+        R, T = self.ranks, self.settings.threshold_flops
+        self._running_flops, self._running_tokens = [0.0] * R, [0] * R  # the previous step has finished
+        self._held_until, self.last_step = None, None
+        if not self._since:
+            return [[] for _ in range(R)]
+        fills = [_Fill(self, r) for r in range(R)]
+        left: list[list[Sequence]] = []
+        for fill, queue in zip(fills, self._queues):
+            q = list(queue)
+            rest: list[Sequence] = []
+            for i, s in enumerate(q):
+                if fill.full:
+                    rest += q[i:]
+                    break
+                if not fill.take(s):
+                    rest.append(s)
+            left.append(rest)
+        for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
+            if fill.full:
+                continue
+            others = sorted((s for r in range(R) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
+            for s in others:
+                if fill.full:
+                    break
+                if fill.take(s):
+                    left[s.rank].remove(s)
+        oldest = min(self._since[next(iter(q))] for q in self._queues if q)  # queues are in arrival order
+        if max(f.flops for f in fills) < T and not any(left) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
+            self._held_until = oldest + self.settings.max_wait_ms / 1e3
+            return [[] for _ in range(R)]
+        return self._commit(fills)
+
+    def drain(self) -> list[Sequence]:
+        """Everything waiting, removed. The ranks failed: their caches are gone, so the views restart empty."""
+        seqs = sorted(self._since, key=self._since.__getitem__)
+        for s in seqs:
+            self._dequeue(s)
+        for cache in self._caches:
+            cache.clear()
+        self._running_flops, self._running_tokens = [0.0] * self.ranks, [0] * self.ranks
+        self._held_until = None
+        return seqs
+
+    # ---- beyond the protocol ------------------------------------------------------------------------
+    def wake_in(self) -> float | None:
+        """Seconds until the step just held back must run (its oldest sequence reaches max_wait_ms); None
+        when the last ``next_step`` did not hold. The server should ask ``next_step`` again by then even
+        if no request arrives."""
+        if self._held_until is None or not self._since:
+            return None
+        return max(0.0, self._held_until - self.clock())
+
+    def views(self, s: Sequence) -> list[RankView]:
+        """What the policy sees for ``s`` (setting its ``block_hashes``): per rank, reuse counted over the
+        cache view and the blocks of sequences queued there (they will be cached once they run)."""
+        if s.block_hashes is None:
+            s.block_hashes = block_hashes(s.ids)
+        n, limit = len(s.ids), cacheable_blocks(len(s.ids))
+        out = []
+        for r in range(self.ranks):
+            cache, pending = self._caches[r], self._pending[r]
+            m = 0
+            if cache.capacity:  # a rank without a cache reuses nothing
+                for h in s.block_hashes[:limit]:
+                    if h not in cache and h not in pending:
+                        break
+                    m += 1
+            matched = m * BLOCK
+            out.append(RankView(matched, self._flops(n - matched, matched), self._queued_flops[r] + self._running_flops[r],
+                                self._queued_tokens[r] + self._running_tokens[r], cache.tokens + BLOCK * len(pending)))  # fmt: skip
+        return out
+
+    def _dequeue(self, s: Sequence) -> None:
+        r = s.rank
+        del self._queues[r][s], self._since[s]
+        flops, tokens = self._estimate.pop(s)
+        self._queued_flops[r] -= flops
+        self._queued_tokens[r] -= tokens
+        if not self._queues[r]:
+            self._queued_flops[r], self._queued_tokens[r] = 0.0, 0  # no float drift left behind
+        pending = self._pending[r]
+        for h in s.block_hashes:
+            pending[h] -= 1
+            if not pending[h]:
+                del pending[h]
+
+    def _commit(self, fills: list[_Fill]) -> list[list[Sequence]]:
+        cached = []
+        for fill in fills:
+            for s in fill.batch:
+                self._dequeue(s)
+            hits, _ = self._caches[fill.rank].step([s.block_hashes for s in fill.batch], [cacheable_blocks(len(s.ids)) for s in fill.batch])
+            assert hits == fill.hits, "the cache view changed between the fill and the commit"
+            for s, hit in zip(fill.batch, hits):
+                s.rank, s.cached_tokens = fill.rank, hit * BLOCK
+                s.flops = self._flops(len(s.ids) - s.cached_tokens, s.cached_tokens)
+            cached.append(sum(s.cached_tokens for s in fill.batch))
+        self._running_flops = [f.flops for f in fills]
+        self._running_tokens = [f.tokens for f in fills]
+        below = max(self._running_flops) < self.settings.threshold_flops
+        self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, below)
+        return [f.batch for f in fills]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay: the scheduler under a cost model
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    requests: int
+    prompt_tokens: int
+    seconds: float  # first arrival to the end of the last step
+    steps: int
+    hit_rate: float  # prompt tokens served from a prefix cache / all prompt tokens
+    imbalance: float  # mean over steps of max / mean of the ranks' FLOPs (1 = balanced)
+    below_threshold: float  # share of steps whose busiest rank was under T
+    mean_latency_s: float  # arrival to the end of its step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.seconds if self.seconds else 0.0
+
+
+def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, settings: RouterSettings,
+           flops_per_s: float, gather_s: float = 0.0) -> ReplayResult:  # fmt: skip
+    """Run ``ThresholdScheduler`` over ``trace`` ((arrival seconds, token ids), any order) with a step
+    time of max over ranks of the step's FLOPs / ``flops_per_s``, and at least ``gather_s`` (the
+    exposed expert gather of a step under T; 0: compute only). No model, no server."""
+    if flops_per_s <= 0:
+        raise ValueError(f"flops_per_s must be > 0, got {flops_per_s}")
+    trace = sorted(trace, key=lambda x: x[0])
+    now = trace[0][0] if trace else 0.0
+    start = now
+    sched = ThresholdScheduler(ranks, spec, settings, clock=lambda: now)
+    arrival: dict[Sequence, float] = {}
+    i, steps, tokens, hit, imbalance, below, latency = 0, 0, 0, 0, 0.0, 0, 0.0
+    while True:
+        while i < len(trace) and trace[i][0] <= now:
+            s = Sequence(list(trace[i][1]), {}, None)  # no future: nothing awaits a replayed answer
+            arrival[s] = trace[i][0]
+            sched.add([s])
+            i += 1
+        batches = sched.next_step()
+        if any(batches):
+            info = sched.last_step
+            now += max(max(info.flops) / flops_per_s, gather_s)
+            steps += 1
+            below += info.below_threshold
+            imbalance += max(info.flops) * ranks / sum(info.flops) if sum(info.flops) else 1.0
+            for s in (s for b in batches for s in b):
+                tokens += len(s.ids)
+                hit += s.cached_tokens
+                latency += now - arrival.pop(s)
+            continue
+        wake = sched.wake_in()
+        nxt = [t for t in (now + wake if wake is not None else None, trace[i][0] if i < len(trace) else None) if t is not None]
+        if not nxt:
+            break
+        now = max(now, min(nxt))
+    if sched.waiting():
+        raise RuntimeError(f"replay ended with {sched.waiting()} sequences still queued")
+    n = len(trace)
+    return ReplayResult(n, tokens, now - start, steps, hit / tokens if tokens else 0.0, imbalance / steps if steps else 1.0,
+                        below / steps if steps else 0.0, latency / n if n else 0.0)  # fmt: skip
