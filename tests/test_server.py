@@ -376,6 +376,25 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
         assert not alive, "ranks outlived the drained server"
 
 
+def test_threshold_admission_routes_and_answers_like_fifo(checkpoint, offline):
+    """--policy zero_prefill: T measured by the ranks at start-up, per-rank queues, steps filled to T.
+    Answers stay those of the offline model; a lone request is released by --max-wait-ms."""
+    tok = offline.tokenizer
+    label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LABELS]
+    with Server(checkpoint, "--backend", "aot_eager", "--labels", *LABELS, "--policy", "zero_prefill", "--max-wait-ms", "200") as srv:
+        threshold = srv.client.get("/health").json()["threshold"]
+        assert threshold["flops_per_step"] > 0 and threshold["t_gather_s"] > 0
+        r = srv.client.post("/classify", json={"input": "a lone request"})  # under T: waits max-wait-ms, then runs
+        assert r.status_code == 200
+        assert srv.metric("zp_steps_below_threshold_total") == srv.metric("zp_steps_total") == 1
+        prompts = [f"prompt number {i} " * (1 + i % 7) for i in range(40)]
+        responses = _flood(srv, [("/classify", {"input": x}) for x in prompts], 40)
+        for x, r in zip(prompts, responses):
+            expected = torch.softmax(offline(x)[label_ids], -1).tolist()
+            assert max(abs(a - b) for a, b in zip(r.json()["data"][0]["probs"], expected)) < 1e-4
+        assert srv.metric("zp_rank_tokens_total", rank="0") > 0 and srv.metric("zp_rank_tokens_total", rank="1") > 0
+
+
 def test_ranks_exit_when_the_front_end_is_killed(checkpoint):
     import psutil
 

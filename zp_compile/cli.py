@@ -148,6 +148,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0, help="a step slower than this fails the ranks (default %(default)s s)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the ranks to load and compile (default %(default)s)")
     p.add_argument("--on-worker-failure", choices=["restart", "exit"], default=d.on_worker_failure)
+    p.add_argument("--policy", default=d.policy, choices=["fifo", "round_robin", "least_flops", "cache_aware", "zero_prefill"],
+                   help="fifo: first come, first served, a step as soon as work waits; the others route each sequence to a "
+                   "rank and fill every step to the saturation threshold T (default %(default)s)")  # fmt: skip
+    p.add_argument("--threshold-flops", type=float, help="T, FLOPs per rank per step (default: measured by the ranks at start-up)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip
@@ -189,9 +194,11 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, max_tokens_per_rank=args.max_tokens_per_rank, max_seqs_per_rank=args.max_seqs_per_rank,
         max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
+        policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms,
     )  # fmt: skip
     rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
-                                 transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank)  # fmt: skip
+                                 transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,
+                                 measure_threshold=args.policy != "fifo" and args.threshold_flops is None)  # fmt: skip
     ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
                   start_timeout=args.start_timeout, step_timeout=args.step_timeout)  # fmt: skip
     if args.external_ranks:

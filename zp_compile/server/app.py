@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import protocol as p
 from .metrics import Metrics
 from .ranks import RankFailure, Ranks
+from .routing import RouterSettings, ThresholdScheduler
 from .scheduler import FifoScheduler, Scheduler, Sequence
 
 log = logging.getLogger("zp_compile.server")
@@ -66,12 +67,17 @@ class ServeSettings:
     request_timeout: float = 600.0
     api_key: str | None = None
     on_worker_failure: str = "restart"  # or "exit"
+    # "fifo" (FifoScheduler) or a routing policy of server/routing.py: round_robin, least_flops,
+    # cache_aware, zero_prefill (ThresholdScheduler: per-rank queues, steps filled to T).
+    policy: str = "fifo"
+    threshold_flops: float | None = None  # T per rank per step; None: measured by the ranks at start-up
+    max_wait_ms: float = 50.0  # the longest a step is held back for more work while every rank is under T
 
 
 class ServerState:
     """The front end's mutable state; lives on ``app.state.zp``."""
 
-    def __init__(self, settings: ServeSettings, ranks: Ranks, tokenizer, config, scheduler: Scheduler | None = None):
+    def __init__(self, settings: ServeSettings, ranks: Ranks, tokenizer, config):
         from ..planner import flops_per_request, spec_from_config
 
         self.settings, self.ranks, self.tokenizer = settings, ranks, tokenizer
@@ -80,7 +86,8 @@ class ServerState:
         self.vocab = config.get_text_config().vocab_size
         self.max_model_len = settings.max_model_len or config.get_text_config().max_position_embeddings
         n = ranks.settings.ranks
-        self.scheduler = scheduler or FifoScheduler(n, settings.max_tokens_per_rank, settings.max_seqs_per_rank)
+        self.scheduler: Scheduler = FifoScheduler(n, settings.max_tokens_per_rank, settings.max_seqs_per_rank)
+        self.threshold: dict | None = None  # what the ranks measured at start-up (threshold.MeasuredThreshold)
         self.metrics = Metrics(n)
         self.status = "starting"  # -> ready -> (unhealthy -> ready | exiting) ; draining
         self.detail = "loading and compiling the model on every rank"
@@ -107,11 +114,25 @@ class ServerState:
             self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
             self.request_exit(1)
             return
-        vocab = {i["vocab"] for i in info}
-        if vocab != {self.vocab} and not vocab <= {self.vocab}:
-            log.warning("zp-compile: ranks report vocab %s, config says %d", vocab, self.vocab)
+        self.threshold = info[0].get("threshold")
+        self.scheduler = self.new_scheduler()  # a fresh one after a restart: the ranks' caches are gone
         self.status, self.detail = "ready", f"{len(info)} ranks ready"
         log.info("zp-compile: %d ranks ready (generation %d); serving %s", len(info), self.ranks.generation, self.settings.model_name)
+
+    def new_scheduler(self) -> Scheduler:
+        s, n = self.settings, self.ranks.settings.ranks
+        if s.policy == "fifo":
+            return FifoScheduler(n, s.max_tokens_per_rank, s.max_seqs_per_rank)
+        T = s.threshold_flops or self.threshold["flops_per_step"]
+        log.info("zp-compile: %s routing, steps filled to T = %.3g FLOPs per rank", s.policy, T)
+        router = RouterSettings(T, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, policy=s.policy)
+        return ThresholdScheduler(n, self.spec, router)
+
+    def _wake_later(self) -> None:
+        """A threshold scheduler held the step back for more work: ask again when its wait runs out."""
+        wait = getattr(self.scheduler, "wake_in", lambda: None)()
+        if wait is not None:
+            asyncio.get_running_loop().call_later(wait, self.work.set)
 
     async def step_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +143,7 @@ class ServerState:
                 continue
             batches = self.scheduler.next_step()
             if not any(batches):
+                self._wake_later()
                 continue
             self.work.set()  # more may be waiting: come back after this step
             now = time.monotonic()
@@ -143,6 +165,9 @@ class ServerState:
                     if not s.future.done():
                         s.future.set_result(out)
             self.metrics.record_step([sum(len(s.ids) for s in b) for b in batches], [sum(s.flops for s in b) for b in batches])
+            step = getattr(self.scheduler, "last_step", None)
+            if step is not None:  # the threshold scheduler's view of the step it made
+                self.metrics.record_admission(step.below_threshold, sum(step.cached_tokens))
             self.running = []
             self.metrics.set_queue(0, self.scheduler.waiting())
 
@@ -351,6 +376,8 @@ def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> Fast
         s = state_of(request)
         ok = s.status == "ready" and not s.draining
         body = {"status": "draining" if s.draining else s.status, "detail": s.detail, "ranks": s.ranks.settings.ranks}
+        if s.threshold is not None:
+            body["threshold"] = s.threshold
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models", response_model=p.ModelList)

@@ -25,6 +25,8 @@ class Metrics:
         self.rank_flops = Counter("zp_rank_flops", "model FLOPs run, per rank", ["rank"], registry=r)
         self.imbalance = Histogram("zp_step_flops_imbalance", "per step: max over ranks of the step's FLOPs / their mean (1 = balanced)",
                                    buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 4, 8, 16), registry=r)  # fmt: skip
+        self.below_threshold = Counter("zp_steps_below_threshold", "steps whose busiest rank was under the saturation threshold T", registry=r)
+        self.prefix_hits = Counter("zp_prefix_hit_tokens", "prompt tokens served from the ranks' prefix caches", registry=r)
         self.dropped = Counter("zp_sequences_dropped", "queued sequences dropped unrun (client gone or timed out)", registry=r)
         self.worker_failures = Counter("zp_worker_failures", "times the ranks failed (died, hung or raised)", registry=r)
 
@@ -41,6 +43,10 @@ class Metrics:
             self.step_flops.labels(rank).set(f)
             self.rank_tokens.labels(rank).inc(t)
             self.rank_flops.labels(rank).inc(f)
+
+    def record_admission(self, below_threshold: bool, cached_tokens: int) -> None:
+        self.below_threshold.inc(int(below_threshold))
+        self.prefix_hits.inc(cached_tokens)
 
     def count_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -42,6 +42,7 @@ class RankSettings:
     transport: str = "collective"
     dtype: str | None = None
     threads: int | None = None
+    measure_threshold: bool = False  # ranks measure T at start-up (threshold.saturation_threshold)
 
 
 class Ranks:

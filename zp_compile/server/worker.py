@@ -158,6 +158,12 @@ def serve(address: str) -> None:
         vocab = model.get_output_embeddings().weight.shape[0]
         warm_up(model, device, vocab)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device)}
+        if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
+            from dataclasses import asdict
+
+            from ..threshold import saturation_threshold
+
+            info["threshold"] = asdict(saturation_threshold(model))
         store.set(f"{prefix}/ready/{rank}", json.dumps(info))
         step = 0
         while True:
