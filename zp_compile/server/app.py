@@ -31,7 +31,7 @@ from . import protocol as p
 from .metrics import Metrics
 from .ranks import RankFailure, Ranks
 from .routing import RouterSettings, ThresholdScheduler
-from .scheduler import FifoScheduler, Scheduler, Sequence
+from .scheduler import FifoScheduler, Scheduler, Sequence, padded_len
 
 log = logging.getLogger("zp_compile.server")
 
@@ -340,6 +340,10 @@ def usage(ids: list[list[int]], completion: int = 0) -> p.Usage:
 def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> FastAPI:
     """The FastAPI app. ``ranks`` is started in the background at start-up; ``/health`` says when ready."""
     label_token_ids(tokenizer, settings.labels)  # bad labels fail here, before anything starts
+    longest = settings.max_model_len or config.get_text_config().max_position_embeddings
+    if padded_len(longest) > settings.max_tokens_per_rank:
+        raise ValueError(f"the longest input ({longest} tokens, --max-model-len) cannot fit one rank's step of "
+                         f"{settings.max_tokens_per_rank} tokens (--max-tokens-per-rank): raise that or lower --max-model-len")  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
