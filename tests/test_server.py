@@ -376,12 +376,14 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
         assert not alive, "ranks outlived the drained server"
 
 
-def test_threshold_admission_routes_and_answers_like_fifo(checkpoint, offline):
-    """--policy zero_prefill: T measured by the ranks at start-up, per-rank queues, steps filled to T.
-    Answers stay those of the offline model; a lone request is released by --max-wait-ms."""
+def test_threshold_admission_and_prefix_reuse_answer_like_the_offline_model(checkpoint, offline):
+    """--policy zero_prefill --cache-tokens: T measured by the ranks at start-up, per-rank queues, steps
+    filled to T, prefix KV reused on the ranks. Answers stay those of the offline model (uncached); a
+    lone request is released by --max-wait-ms."""
     tok = offline.tokenizer
     label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LABELS]
-    with Server(checkpoint, "--backend", "aot_eager", "--labels", *LABELS, "--policy", "zero_prefill", "--max-wait-ms", "200") as srv:
+    args = ["--backend", "aot_eager", "--labels", *LABELS, "--policy", "zero_prefill", "--max-wait-ms", "200", "--cache-tokens", "2048"]
+    with Server(checkpoint, *args) as srv:
         threshold = srv.client.get("/health").json()["threshold"]
         assert threshold["flops_per_step"] > 0 and threshold["t_gather_s"] > 0
         r = srv.client.post("/classify", json={"input": "a lone request"})  # under T: waits max-wait-ms, then runs
@@ -393,6 +395,17 @@ def test_threshold_admission_routes_and_answers_like_fifo(checkpoint, offline):
             expected = torch.softmax(offline(x)[label_ids], -1).tolist()
             assert max(abs(a - b) for a, b in zip(r.json()["data"][0]["probs"], expected)) < 1e-4
         assert srv.metric("zp_rank_tokens_total", rank="0") > 0 and srv.metric("zp_rank_tokens_total", rank="1") > 0
+        assert srv.metric("zp_prefix_hit_tokens_total") == 0  # no prompt shared a 16-token block so far
+        # Shared prefixes: two groups, a first wave fills the ranks' caches, a second wave reuses them.
+        groups = ["Read the passage and answer yes or no. " * 4, "The film was boring, too long and badly written. " * 3]
+        for wave in range(2):
+            prompts = [g + f"Question {wave} {i}: is it true?" for g in groups for i in range(6)]
+            responses = _flood(srv, [("/classify", {"input": x}) for x in prompts], 12)
+            for x, r in zip(prompts, responses):
+                assert r.status_code == 200, r.text
+                expected = torch.softmax(offline(x)[label_ids], -1).tolist()
+                assert max(abs(a - b) for a, b in zip(r.json()["data"][0]["probs"], expected)) < 1e-4
+        assert srv.metric("zp_prefix_hit_tokens_total") > 0
 
 
 def test_ranks_exit_when_the_front_end_is_killed(checkpoint):

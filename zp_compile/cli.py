@@ -152,6 +152,8 @@ def _add_serve(sub) -> None:
                    help="fifo: first come, first served, a step as soon as work waits; the others route each sequence to a "
                    "rank and fill every step to the saturation threshold T (default %(default)s)")  # fmt: skip
     p.add_argument("--threshold-flops", type=float, help="T, FLOPs per rank per step (default: measured by the ranks at start-up)")
+    p.add_argument("--cache-tokens", type=int, default=d.cache_tokens,
+                   help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
@@ -187,6 +189,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.external_ranks and args.on_worker_failure == "restart":
         raise ValueError("--external-ranks needs --on-worker-failure exit: the front end cannot restart ranks it did not "
                          "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
+    if args.cache_tokens < 0:
+        raise ValueError(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
     if args.max_items > args.max_waiting:
         raise ValueError(f"--max-items {args.max_items} exceeds --max-waiting {args.max_waiting}: such a request could never be queued")
     settings = ServeSettings(
@@ -194,11 +198,12 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, max_tokens_per_rank=args.max_tokens_per_rank, max_seqs_per_rank=args.max_seqs_per_rank,
         max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
-        policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms,
+        policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms, cache_tokens=args.cache_tokens,
     )  # fmt: skip
     rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
                                  transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,
-                                 measure_threshold=args.policy != "fifo" and args.threshold_flops is None)  # fmt: skip
+                                 measure_threshold=args.policy != "fifo" and args.threshold_flops is None,
+                                 cache_tokens=args.cache_tokens)  # fmt: skip
     ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
                   start_timeout=args.start_timeout, step_timeout=args.step_timeout)  # fmt: skip
     if args.external_ranks:

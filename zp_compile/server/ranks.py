@@ -43,6 +43,7 @@ class RankSettings:
     dtype: str | None = None
     threads: int | None = None
     measure_threshold: bool = False  # ranks measure T at start-up (threshold.saturation_threshold)
+    cache_tokens: int = 0  # each rank's prefix KV cache budget (server/kv_cache.py); 0: KV-cache-free
 
 
 class Ranks:

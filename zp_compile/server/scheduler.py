@@ -30,7 +30,10 @@ class Sequence:
     block_hashes: list[bytes] | None = field(default=None, repr=False)
 
     def payload(self) -> dict:
-        return {"ids": self.ids, **self.readout}
+        out = {"ids": self.ids, **self.readout}
+        if self.rank is not None:  # routed by the front end's cache view: the rank checks it agrees
+            out["cached"] = self.cached_tokens
+        return out
 
 
 def padded_len(n: int) -> int:

@@ -90,12 +90,20 @@ def sample_token(logits_V: torch.Tensor, sample: dict) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def score(model, seqs: list[dict], pad_id: int, device: torch.device) -> list[dict]:
-    """Run one step's batch on this rank. An empty batch still takes part in the step's gathers."""
+def score(model, seqs: list[dict], pad_id: int, device: torch.device, kv=None) -> list[dict]:
+    """Run one step's batch on this rank. An empty batch still takes part in the step's gathers.
+
+    ``kv``: the rank's ``kv_cache.RankKVCache``. With a budget, each sequence computes only the tokens
+    after its cached prefix; without one (None, or budget 0: KV-cache-free) the plain forward runs.
+    """
     with torch.inference_mode():
         if not seqs:
             model(input_ids=torch.zeros((0, 1), dtype=torch.long, device=device))
             return []
+        if kv is not None and kv.enabled:
+            return readouts(kv.forward(model, seqs, pad_id, device), seqs)
+        if kv is not None:
+            kv.lookup(seqs)  # nothing is cached: only checks that the front end counted nothing either
         batch = {k: v.to(device) for k, v in batch_inputs([s["ids"] for s in seqs], pad_id).items()}
         logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # [B, V]
         return readouts(logits, seqs)
@@ -136,6 +144,8 @@ def warm_up(model, device: torch.device, vocab: int) -> None:
 
 
 def serve(address: str) -> None:
+    from . import kv_cache  # here, not at the top: kv_cache imports this module's batch_inputs
+
     store = connect(address)
     prefix = f"g{int(store.get('generation'))}"
     settings = json.loads(store.get(f"{prefix}/settings"))
@@ -156,7 +166,12 @@ def serve(address: str) -> None:
         threading.Thread(target=_heartbeat, args=(address, f"{prefix}/beat/{rank}"), daemon=True).start()
         model = _load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        warm_up(model, device, vocab)
+        # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
+        kv = kv_cache.RankKVCache(settings.get("cache_tokens") or 0)
+        if kv.enabled:
+            kv_cache.warm_up(model, device, vocab)  # the cached path's graphs (the plain ones go unused)
+        else:
+            warm_up(model, device, vocab)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device)}
         if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
             from dataclasses import asdict
@@ -171,7 +186,7 @@ def serve(address: str) -> None:
             if msg.get("stop"):
                 break
             started = time.perf_counter()
-            results = score(model, msg["seqs"], 0, device)
+            results = score(model, msg["seqs"], 0, device, kv)
             store.set(f"{prefix}/result/{step}/{rank}", json.dumps({"results": results, "seconds": time.perf_counter() - started}))
             step += 1
     except Exception as e:
