@@ -28,8 +28,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", nargs="+", default=["round_robin", "least_flops", "cache_aware", "zero_prefill"])
-    parser.add_argument("--cache-tokens", type=int, default=16384, help="each rank's prefix-cache budget (0: KV-cache-free)")
+    parser.add_argument("--policies", nargs="+", default=["fifo", "round_robin", "least_flops", "cache_aware", "zero_prefill"])
+    parser.add_argument("--cache-tokens", type=int, default=8192, help="each rank's prefix-cache budget (0: KV-cache-free)")
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--prompts-per-group", type=int, default=16)
     parser.add_argument("--system-prompt-len", type=int, default=1024)
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"))
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-tokens-per-rank", type=int, default=8192)
+    parser.add_argument("--threshold-tokens", type=int, default=4096,
+                        help="T for every policy = the FLOPs of this many tokens in 512-token requests (0: measured at start-up)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more zp-compile serve flags")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -49,6 +51,16 @@ def main() -> None:
     from zp_compile.models import tiny_tokenizer
 
     model = build_checkpoint()
+    threshold = []
+    if args.threshold_tokens:
+        # On this CPU the measured T (gathers through shared memory: ~250 tokens) is far below the batch
+        # the matmuls need to run well; every policy gets the same, larger T.
+        from transformers import AutoConfig
+
+        from zp_compile.planner import flops_per_request, spec_from_config
+
+        spec = spec_from_config(AutoConfig.from_pretrained(model))
+        threshold = ["--threshold-flops", str(args.threshold_tokens / 512 * flops_per_request(spec, 512))]
     tokenizer_dir = Path(tempfile.gettempdir()) / "zp-bench-tokenizer"
     tokenizer = tiny_tokenizer(tokenizer_dir)
     traces = {
@@ -60,18 +72,18 @@ def main() -> None:
     for policy in args.policies:
         flags = ["--tokenizer", str(tokenizer_dir), "--labels", " yes", " no", "--transport", "shm", "--dtype", "bfloat16",
                  "--policy", policy, "--cache-tokens", str(args.cache_tokens), "--max-model-len", str(args.max_model_len),
-                 "--max-tokens-per-rank", str(args.max_tokens_per_rank), "--max-waiting", "100000", "--log-level", "warning", *args.extra]  # fmt: skip
+                 "--max-tokens-per-rank", str(args.max_tokens_per_rank), "--max-waiting", "100000", "--log-level", "warning", *threshold, *args.extra]  # fmt: skip
         with Server(model, *flags) as srv:
-            threshold = srv.client.get("/health").json().get("threshold")
+            measured = srv.client.get("/health").json().get("threshold")
             for name, trace in traces.items():
                 asyncio.run(bench_serve.run(srv.url, "/classify", warm))
                 r = asyncio.run(bench_serve.run(srv.url, "/classify", trace, request_rate=args.request_rate))
-                s = r.server
+                s = r.server or bench_serve.ServerFigures(0, None, {}, 0, {}, None, None)  # /metrics not scraped: n/a
                 row = {"policy": policy, "trace": name, "requests": r.num_requests, "completed": r.completed, "failed": r.failed,
                        "req_per_s": r.request_throughput, "input_tok_per_s": r.input_throughput, "p50_ms": r.latency_ms["p50"],
                        "p99_ms": r.latency_ms["p99"], "prefix_hit_rate": s.prefix_hit_rate, "imbalance": s.mean_imbalance,
                        "below_threshold_share": s.below_threshold_share, "steps": s.steps, "rank_tokens": s.rank_tokens,
-                       "threshold": threshold}  # fmt: skip
+                       "threshold_flops": float(threshold[1]) if threshold else measured}  # fmt: skip
                 rows.append(row)
                 fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
                 print(f"{policy:>13s} {name:>13s}: {r.completed}/{r.num_requests} ok, {r.request_throughput:6.2f} req/s, "
