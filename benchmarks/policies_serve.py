@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-group", type=int, default=16)
     parser.add_argument("--system-prompt-len", type=int, default=1024)
     parser.add_argument("--question-len", type=int, default=64)
+    parser.add_argument("--traces", nargs="+", default=["shared-prefix", "random"], choices=["shared-prefix", "random"])
     parser.add_argument("--random-prompts", type=int, default=256)
     parser.add_argument("--random-len", type=int, default=512)
     parser.add_argument("--request-rate", type=float, default=float("inf"))
@@ -67,6 +68,7 @@ def main() -> None:
         "shared-prefix": bench_serve.shared_prefix_dataset(tokenizer, args.groups, args.prompts_per_group, args.system_prompt_len, args.question_len),
         "random": bench_serve.random_dataset(tokenizer, args.random_prompts, args.random_len),
     }
+    traces = {name: traces[name] for name in args.traces}
     warm = bench_serve.random_dataset(tokenizer, 8, 200, seed=99)
     rows = []
     for policy in args.policies:
