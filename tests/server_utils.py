@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -98,10 +97,6 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include ``labels``."""
-        text = self.client.get("/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
-            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-                total += float(m.group(2))
-        return total
+        from zp_compile.bench_serve import metric_sum, parse_metrics
+
+        return metric_sum(parse_metrics(self.client.get("/metrics").text), name, **labels)

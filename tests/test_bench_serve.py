@@ -207,12 +207,9 @@ def test_client_errors_are_outcomes_too(tokenizer):
 # ---- end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from zp_compile.models import tiny, tiny_tokenizer
+    from zp_compile.models import tiny_with_tokenizer
 
-    path = tmp_path_factory.mktemp("bench-tiny")
-    tokenizer = tiny_tokenizer(path)
-    tiny("qwen3_moe", path, layers=2, num_experts=6, vocab=len(tokenizer), max_position_embeddings=256)
-    return path
+    return tiny_with_tokenizer("qwen3_moe", tmp_path_factory.mktemp("bench-tiny"), layers=2, num_experts=6, max_position_embeddings=256)
 
 
 def test_against_a_live_server(checkpoint, tmp_path, capsys):

@@ -22,12 +22,9 @@ LABELS = [" yes", " no"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from zp_compile.models import tiny, tiny_tokenizer
+    from zp_compile.models import tiny_with_tokenizer
 
-    path = tmp_path_factory.mktemp("serve-tiny")
-    tokenizer = tiny_tokenizer(path)
-    tiny("qwen3_moe", path, layers=2, num_experts=6, vocab=len(tokenizer), max_position_embeddings=256)
-    return path
+    return tiny_with_tokenizer("qwen3_moe", tmp_path_factory.mktemp("serve-tiny"), layers=2, num_experts=6, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +258,10 @@ def _flood(srv: Server, bodies: list[tuple[str, dict]], concurrency: int, timeou
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """Wider than ``checkpoint``: steps take long enough for a queue to build up on 2 cores."""
-    from zp_compile.models import tiny, tiny_tokenizer
+    from zp_compile.models import tiny_with_tokenizer
 
     path = tmp_path_factory.mktemp("serve-slow")
-    tokenizer = tiny_tokenizer(path)
-    tiny("qwen3_moe", path, layers=4, hidden=256, num_experts=8, expert_size=512, vocab=len(tokenizer), max_position_embeddings=512)
-    return path
+    return tiny_with_tokenizer("qwen3_moe", path, layers=4, hidden=256, num_experts=8, expert_size=512, max_position_embeddings=512)
 
 
 def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
@@ -331,16 +326,23 @@ def _answered(responses) -> list[int]:
     return [r.status_code for r in responses]
 
 
+def _load_under_way(srv: Server, bodies) -> tuple[threading.Thread, dict]:
+    """16 clients sending ``bodies`` from a thread (responses in ``out["r"]`` once it ends); returns once
+    the server has run 3 steps of it."""
+    out = {}
+    load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
+    load.start()
+    steps = srv.metric("zp_steps_total")
+    wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
+    return load, out
+
+
 def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
     args = ["--backend", "eager", "--labels", *LABELS, "--on-worker-failure", "restart", "--step-timeout", "60"]
     bodies = [("/classify", {"input": [f"text {i} " * 40] * 4}) for i in range(120)]
     with Server(slow_checkpoint, *args) as srv:
         for fault in (signal.SIGKILL, signal.SIGSTOP):
-            out = {}
-            load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
-            load.start()
-            steps = srv.metric("zp_steps_total")
-            wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
+            load, out = _load_under_way(srv, bodies)
             old = srv.ranks()
             victim = old[1]
             victim.send_signal(fault)
@@ -359,11 +361,7 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
             assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
         assert srv.metric("zp_worker_failures_total") == 2
         # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
-        out = {}
-        load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
-        load.start()
-        steps = srv.metric("zp_steps_total")
-        wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
+        load, out = _load_under_way(srv, bodies)
         workers = srv.ranks()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(120) == 0, srv.output()[-3000:]

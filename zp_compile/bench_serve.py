@@ -173,16 +173,17 @@ def parse_metrics(text: str) -> Samples:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def metric_sum(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of ``name``'s samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
 def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float | None:
     """Growth of the sum of ``name``'s samples whose labels include ``labels``; None: the server does not export it."""
     if not any(k[0] == name for k in after):
         return None
-    want = set(labels.items())
-
-    def total(samples: Samples) -> float:
-        return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-    return total(after) - total(before)
+    return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

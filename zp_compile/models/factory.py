@@ -136,6 +136,15 @@ def tiny(
     return out
 
 
+def tiny_with_tokenizer(family: str, path: str | Path, **overrides: Any) -> Path:
+    """``tiny`` plus the tokenizer made locally (``tokenizer.tiny_tokenizer``) in the same directory, with
+    the model's vocabulary sized to the tokenizer's: a checkpoint a server can load and serve text with."""
+    from .tokenizer import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(path)
+    return tiny(family, path, vocab=len(tokenizer), **overrides)
+
+
 # The embedded default of the demo and of ``zp-compile serve``: 4 MoE layers x 16 experts, top-4.
 DEFAULT = {"family": "qwen3_moe", "layers": 4, "num_experts": 16, "hidden": 128, "expert_size": 128, "top_k": 4}
 
@@ -143,16 +152,13 @@ DEFAULT = {"family": "qwen3_moe", "layers": 4, "num_experts": 16, "hidden": 128,
 def default_checkpoint() -> Path:
     """The embedded default checkpoint with a tokenizer made locally, built once (fixed seed) under the
     user's cache directory; the same on every machine."""
-    from .tokenizer import tiny_tokenizer
-
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zp-compile"
     path = root / "default-{family}-L{layers}-E{num_experts}-H{hidden}".format(**DEFAULT)
     if not (path / "model.safetensors").exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))  # built aside, then renamed: concurrent builders never see half
-        tokenizer = tiny_tokenizer(tmp)
         overrides = {k: v for k, v in DEFAULT.items() if k != "family"}
-        tiny(DEFAULT["family"], tmp, vocab=len(tokenizer), max_position_embeddings=2048, **overrides)
+        tiny_with_tokenizer(DEFAULT["family"], tmp, max_position_embeddings=2048, **overrides)
         if not path.exists():
             tmp.rename(path)
     return path

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..planner import flops_per_request, spec_from_config
 from . import protocol as p
 from .metrics import Metrics
 from .ranks import RankFailure, Ranks
@@ -79,11 +80,8 @@ class ServerState:
     """The front end's mutable state; lives on ``app.state.zp``."""
 
     def __init__(self, settings: ServeSettings, ranks: Ranks, tokenizer, config):
-        from ..planner import flops_per_request, spec_from_config
-
         self.settings, self.ranks, self.tokenizer = settings, ranks, tokenizer
         self.spec = spec_from_config(config, settings.model_name)
-        self._flops = flops_per_request
         self.vocab = config.get_text_config().vocab_size
         self.max_model_len = settings.max_model_len or config.get_text_config().max_position_embeddings
         n = ranks.settings.ranks
@@ -102,7 +100,7 @@ class ServerState:
         self.label_ids = label_token_ids(tokenizer, settings.labels)
 
     def flops(self, tokens: int) -> float:
-        return self._flops(self.spec, tokens)
+        return flops_per_request(self.spec, tokens)
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start_ranks(self) -> None:
@@ -240,18 +238,25 @@ class ServerState:
         """Token ids of each input (text or ids), checked against the vocabulary and the length limit."""
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
-        if not inputs:
-            raise ApiError(400, f"{param} is empty", param=param)
-        if len(inputs) > self.settings.max_items:
-            raise ApiError(400, f"{param} has {len(inputs)} entries; the limit is {self.settings.max_items} per request", param=param)
+        self.check_count(inputs, param)
         return [self.check_ids(self.tokenizer.encode(x) if isinstance(x, str) else x, f"{param}[{i}]", truncate) for i, x in enumerate(inputs)]
+
+    def check_count(self, entries: list, param: str) -> None:
+        """A request's inputs / items / documents: at least one, at most ``--max-items``."""
+        if not entries:
+            raise ApiError(400, f"{param} is empty", param=param)
+        if len(entries) > self.settings.max_items:
+            raise ApiError(400, f"{param} has {len(entries)} entries; the limit is {self.settings.max_items} per request", param=param)
+
+    def check_vocab(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if t >= self.vocab]
+        if bad:
+            raise ApiError(400, f"{param} has token id {bad[0]}, outside the vocabulary (size {self.vocab})", param=param)
 
     def check_ids(self, ids: list[int], param: str, truncate: int | None) -> list[int]:
         if not ids:
             raise ApiError(400, f"{param} has no tokens", param=param)
-        bad = [t for t in ids if t >= self.vocab]
-        if bad:
-            raise ApiError(400, f"{param} has token id {bad[0]}, outside the vocabulary (size {self.vocab})", param=param)
+        self.check_vocab(ids, param)
         if truncate is not None:
             if truncate > self.max_model_len:
                 raise ApiError(400, f"truncate_prompt_tokens={truncate} exceeds the maximum length {self.max_model_len}", param="truncate_prompt_tokens")
@@ -274,9 +279,7 @@ class ServerState:
         ids = label_token_ids if label_token_ids is not None else self.label_ids
         if not ids:
             raise ApiError(400, "no label tokens: pass label_token_ids or start the server with --labels", param=param)
-        bad = [t for t in ids if t >= self.vocab]
-        if bad:
-            raise ApiError(400, f"{param}: token id {bad[0]} is outside the vocabulary (size {self.vocab})", param=param)
+        self.check_vocab(ids, param)
         return ids
 
     def check_model(self, name: str | None) -> None:
@@ -412,12 +415,9 @@ def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> Fast
     async def _pair_scores(s: ServerState, request: Request, queries, items, label_token_ids, apply_softmax, item_first, truncate, items_param):
         queries = [queries] if isinstance(queries, str) else queries
         items = [items] if isinstance(items, str) else items
-        if not items:
-            raise ApiError(400, f"{items_param} is empty", param=items_param)
+        s.check_count(items, items_param)
         if not queries:
             raise ApiError(400, "queries is empty", param="queries")
-        if len(items) > s.settings.max_items:
-            raise ApiError(400, f"{items_param} has {len(items)} entries; the limit is {s.settings.max_items} per request", param=items_param)
         if len(queries) not in (1, len(items)):
             raise ApiError(400, f"{len(queries)} queries for {len(items)} items: give one query, or one per item", param="queries")
         labels = s.labels_for(label_token_ids)
