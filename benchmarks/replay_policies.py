@@ -3,7 +3,7 @@
     python benchmarks/replay_policies.py [--ranks 2,4] [--cache-tokens 8192] [--threshold-tokens 4096]
 
 A quick comparison only: the figures to report come from the real server. The cost model
-(``zp_compile.server.routing.replay``): a step takes max over ranks of its FLOPs / F, and at least the
+(``zp_compile.server.routing.replay``): a step takes max over ranks of its padded FLOPs / F, and at least the
 exposed expert gather t = T / (gamma F) (T = t_gather F gamma, the paper's rule, so a step under T is
 gather-bound); ``--no-gather-floor`` drops that floor (compute only).
 

@@ -4,6 +4,7 @@ no model, no ranks, no timing asserts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import struct
@@ -259,13 +260,47 @@ def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():
     seqs = [seq(prefix + [i] * 20) for i in range(12)]
     sched.add(seqs)
     assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
+    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later); idle
+    # rank 1 takes the oldest of them, and defers the rest for the same reason.
+    assert sched.next_step() == [[seqs[0]], [seqs[1]]]
+    assert sched.last_step.below_threshold and sched.last_step.cached_tokens == [0, 0]
+    # Step 2: both ranks hold the prefix; rank 0 fills to T from its queue, rank 1 takes the oldest of
+    # what is left over, and every sequence reuses the prefix.
     batches = sched.next_step()
-    assert batches[0] and batches[1]
-    assert all(s.rank == 1 for s in batches[1]) and min(sched.last_step.flops) >= T
-    assert batches[1][0] is seqs[len(batches[0])]  # rank 1 took the oldest of rank 0's leftovers
-    # The next step: rank 0 reuses the prefix its first step cached; rank 1 computed it too.
-    batches = sched.next_step()
+    assert batches[0] == seqs[2 : 2 + len(batches[0])] and batches[1] == seqs[2 + len(batches[0]) : 2 + len(batches[0]) + len(batches[1])]
+    assert batches[1] and min(sched.last_step.flops) >= T
     assert all(s.cached_tokens == 64 for b in batches for s in b)
+
+
+def test_a_batch_mate_computing_the_same_prefix_defers_a_sequence_one_step():
+    sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=1024), Clock())
+    shared = blocks(3)
+    a, b, other, c = seq(shared + [1] * 8), seq(shared + [2] * 8), seq(blocks(3, start=500) + [3]), seq(shared + [4] * 8)
+    sched.add([a, b, other, c])
+    assert sched.next_step() == [[a, other]]  # b and c would recompute the 3 blocks a computes
+    assert sched.next_step() == [[b, c]] and [s.cached_tokens for s in (b, c)] == [48, 48]
+
+
+def test_a_batch_keeps_most_of_its_compute_useful():
+    """Rows are padded to the batch's widest suffix: a short hit does not join a long miss's batch
+    while that would make the rank compute mostly padding (min_efficiency), and vice versa."""
+    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, min_efficiency=0.5)
+    sched = ThresholdScheduler(1, TOY, settings, Clock())
+    shared = blocks(8)
+    sched.add([seq(shared + [9])])
+    sched.next_step()  # the 128-token prefix is cached now
+    hits = [seq(shared + [i] * 15) for i in range(3)]  # 15 new tokens each after 128 cached
+    miss = seq(blocks(8, start=900) + [5])  # 129 new tokens
+    sched.add([hits[0], miss, *hits[1:]])
+    assert sched.next_step() == [hits]
+    assert sched.next_step() == [[miss]]
+    # With no check the miss joins the hits' batch, and every row computes 144 tokens.
+    loose = ThresholdScheduler(1, TOY, dataclasses.replace(settings, min_efficiency=0.0), Clock())
+    loose.add([seq(shared + [9])])
+    loose.next_step()
+    loose.add([hits[0], miss, *hits[1:]])
+    assert loose.next_step() == [[hits[0], miss, *hits[1:]]]
+    assert loose.last_step.padded_flops[0] == pytest.approx(4 * flops_per_request(TOY, 144, 128))
 
 
 def test_the_view_matches_a_rank_side_cache_that_follows_the_contract():

@@ -26,6 +26,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--context", type=int, default=d.context, help="tokens per request (default %(default)s)")
     p.add_argument("--link", choices=["nvlink", "pcie"], default=d.link, help="link the collectives use")
     p.add_argument("--link-gbps", type=float, help="override the link's bandwidth, GB/s per direction per GPU")
+    p.add_argument("--link-on-cores", action="store_true",
+                   help="the transfers run on the compute cores (gloo between CPU ranks): AsyncEP's gathers add to the step instead "
+                   "of hiding behind it; give --link-gbps as received GB per second of CPU time (benchmarks/transport_bench.py)")  # fmt: skip
     p.add_argument("--gamma", type=float, default=d.gamma, help="jitter margin of T* (default %(default)s)")
     p.add_argument("--efficiency", type=float, help=f"fraction of peak the kernels reach (default: {d.efficiency} on GPU profiles; "
                    "on cpu, measured by timing the model's first MoE layer on the planned batch)")
@@ -57,6 +60,7 @@ def run_plan(args: argparse.Namespace) -> None:
         efficiency=assumed if efficiency is None else efficiency,
         link=args.link, link_bw=args.link_gbps * GIB if args.link_gbps else None, prefetch=args.prefetch,
         resident_first_layer=not args.no_resident_first_layer, kv_cache=not args.no_kv_cache, offload=not (args.no_offload or cpu),
+        link_on_compute=args.link_on_cores,
     )
     print(format_plan(planner.plan(model, hw, settings), timing, note))
 
@@ -155,6 +159,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens,
                    help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
+    p.add_argument("--min-batch-efficiency", type=float, default=d.min_batch_efficiency,
+                   help="with a routing policy: a sequence joins a step's batch only if the batch's FLOPs stay at least this share "
+                   "of what the rank computes with padding (0: no check; default %(default)s)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip
@@ -191,6 +198,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
     if args.cache_tokens < 0:
         raise ValueError(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
+    if not 0 <= args.min_batch_efficiency < 1:
+        raise ValueError(f"--min-batch-efficiency must be in [0, 1), got {args.min_batch_efficiency}")
     if args.max_items > args.max_waiting:
         raise ValueError(f"--max-items {args.max_items} exceeds --max-waiting {args.max_waiting}: such a request could never be queued")
     settings = ServeSettings(
@@ -199,6 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
         policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms, cache_tokens=args.cache_tokens,
+        min_batch_efficiency=args.min_batch_efficiency,
     )  # fmt: skip
     rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
                                  transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,

@@ -74,6 +74,7 @@ class ServeSettings:
     threshold_flops: float | None = None  # T per rank per step; None: measured by the ranks at start-up
     max_wait_ms: float = 50.0  # the longest a step is held back for more work while every rank is under T
     cache_tokens: int = 0  # each rank's prefix KV cache budget in tokens, mirrored by the router's view
+    min_batch_efficiency: float = 0.4  # RouterSettings.min_efficiency: a batch's FLOPs over its padded FLOPs
 
 
 class ServerState:
@@ -124,7 +125,8 @@ class ServerState:
             return FifoScheduler(n, s.max_tokens_per_rank, s.max_seqs_per_rank)
         T = s.threshold_flops or self.threshold["flops_per_step"]
         log.info("zp-compile: %s routing, steps filled to T = %.3g FLOPs per rank", s.policy, T)
-        router = RouterSettings(T, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy)
+        router = RouterSettings(T, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy,
+                                min_efficiency=s.min_batch_efficiency)  # fmt: skip
         return ThresholdScheduler(n, self.spec, router)
 
     def _wake_later(self) -> None:

@@ -8,7 +8,8 @@ the saturation threshold T (the paper's front end, NOTES.md).
   ``cache_aware`` (SGLang's router) and ``ZeroPrefill`` (ours: longest cached prefix, unless that
   pushes the ranks' FLOPs more than a bound apart).
 - Admission, each step (``ThresholdScheduler.next_step``): every rank takes its queued sequences in
-  order until its step's FLOPs reach T, within its padded-token and sequence budgets; a rank still
+  order until its step's FLOPs reach T, within its padded-token and sequence budgets (passing over a
+  sequence whose prefix a batch-mate computes, or that would make the batch mostly padding); a rank still
   under T then takes the oldest sequences other ranks cannot run this step; while even the busiest
   rank is under T and nothing is left over, the step is held back, for at most ``max_wait_ms`` after
   the oldest waiting sequence arrived.
@@ -142,7 +143,11 @@ class RouterSettings:
     max_wait_ms: longest a step is held back waiting for more work while every rank is under T.
     cache_tokens: each rank's prefix-cache budget in tokens (``prefix.cache_tokens_for_bytes`` from
         bytes); 0: no reuse (KV-cache-free ranks).
-    policy / balance_bound: the routing policy; zero_prefill's bound in units of T."""
+    policy / balance_bound: the routing policy; zero_prefill's bound in units of T.
+    min_efficiency: a sequence joins a non-empty batch only if the batch's FLOPs stay at least this
+        share of what the rank computes for it: rows are padded to the batch's widest suffix and past, so
+        one 1,024-token miss among 64-token hits would make the rank compute the hits 16 times over
+        (0: no check)."""
 
     threshold_flops: float
     max_tokens: int = 8192
@@ -151,6 +156,7 @@ class RouterSettings:
     cache_tokens: int = 0
     policy: str = "zero_prefill"
     balance_bound: float = 1.0
+    min_efficiency: float = 0.4
 
     def __post_init__(self) -> None:
         if not self.threshold_flops > 0:
@@ -160,6 +166,8 @@ class RouterSettings:
         if self.max_wait_ms < 0 or self.cache_tokens < 0 or self.balance_bound < 0:
             raise ValueError(f"max_wait_ms ({self.max_wait_ms}), cache_tokens ({self.cache_tokens}) and "
                              f"balance_bound ({self.balance_bound}) must be >= 0")  # fmt: skip
+        if not 0 <= self.min_efficiency < 1:
+            raise ValueError(f"min_efficiency must be in [0, 1), got {self.min_efficiency}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(POLICIES)}")
 
@@ -171,6 +179,7 @@ class StepInfo:
     flops: list[float]  # the step's FLOPs, reuse subtracted
     tokens: list[int]  # uncached prompt tokens computed
     cached_tokens: list[int]  # prompt tokens supplied by the rank's prefix cache (zp_prefix_hit_tokens_total)
+    padded_flops: list[float]  # what the ranks compute: batch x (padded width after a padded past)
     below_threshold: bool  # even the busiest rank is under T: the gathers are not hidden (zp_steps_below_threshold_total)
 
 
@@ -184,8 +193,13 @@ class _Fill:
         self.sched, self.rank, self.cache = sched, rank, sched._caches[rank]
         self.batch: list[Sequence] = []
         self.hits: list[int] = []  # reused blocks per sequence
-        self.width = self.tokens = 0
+        self.computing: set[bytes] = set()  # blocks this batch computes (and the rank caches after the step)
+        self.width = self.tokens = self.past = 0
         self.flops = 0.0
+
+    @property
+    def padded_flops(self) -> float:
+        return len(self.batch) * self.sched._flops(self.width, self.past)
 
     @property
     def full(self) -> bool:
@@ -199,15 +213,24 @@ class _Fill:
         if self.full:
             return False
         n = len(s.ids)
-        hit = self.cache.match(s.block_hashes, cacheable_blocks(n))
+        limit = cacheable_blocks(n)
+        hit = self.cache.match(s.block_hashes, limit)
+        if hit < limit and s.block_hashes[hit] in self.computing:
+            return False  # a batch-mate computes its next block: one step later it reuses that instead
         new = n - hit * BLOCK
         width = max(self.width, padded_len(new))
         if (len(self.batch) + 1) * width > self.sched.settings.max_tokens:
             return False
+        past = max(self.past, hit * BLOCK)
+        flops = self.sched._flops(new, hit * BLOCK)
+        if self.batch and self.flops + flops < self.sched.settings.min_efficiency * (len(self.batch) + 1) * self.sched._flops(width, past):
+            return False  # mostly padding: it waits for a batch of its own width
+        self.past = past
         self.batch.append(s)
         self.hits.append(hit)
+        self.computing.update(s.block_hashes[hit:])
         self.width, self.tokens = width, self.tokens + new
-        self.flops += self.sched._flops(new, hit * BLOCK)
+        self.flops += flops
         return True
 
 
@@ -220,7 +243,11 @@ class ThresholdScheduler:
        a sequence that would push the batch (batch x padded width of the uncached tokens) over the
        padded-token budget is passed over for this step and later ones may still fit. The head of
        every queue always runs, so a passed-over sequence runs at the latest once all older ones
-       have: it can be overtaken, never starved.
+       have: it can be overtaken, never starved. A sequence is also passed over for this step when
+       - a batch-mate computes the block after its cached prefix (it reuses that block next step instead
+         of computing it a second time: SGLang's in-batch prefix check), or
+       - it would leave the batch's FLOPs under ``min_efficiency`` x what the rank computes for it
+         padded (every row is as wide as the widest suffix, and attends over the longest past).
     2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
        other ranks (those their own rank could not run this step), skipping any that do not fit, until
        it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
@@ -388,7 +415,7 @@ class ThresholdScheduler:
         self._running_flops = [f.flops for f in fills]
         self._running_tokens = [f.tokens for f in fills]
         below = max(self._running_flops) < self.settings.threshold_flops
-        self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, below)
+        self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, [f.padded_flops for f in fills], below)
         return [f.batch for f in fills]
 
 
@@ -415,7 +442,7 @@ class ReplayResult:
 def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, settings: RouterSettings,
            flops_per_s: float, gather_s: float = 0.0) -> ReplayResult:  # fmt: skip
     """Run ``ThresholdScheduler`` over ``trace`` ((arrival seconds, token ids), any order) with a step
-    time of max over ranks of the step's FLOPs / ``flops_per_s``, and at least ``gather_s`` (the
+    time of max over ranks of the step's padded FLOPs (what the ranks compute) / ``flops_per_s``, and at least ``gather_s`` (the
     exposed expert gather of a step under T; 0: compute only). No model, no server."""
     if flops_per_s <= 0:
         raise ValueError(f"flops_per_s must be > 0, got {flops_per_s}")
@@ -434,7 +461,7 @@ def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, se
         batches = sched.next_step()
         if any(batches):
             info = sched.last_step
-            now += max(max(info.flops) / flops_per_s, gather_s)
+            now += max(max(info.padded_flops) / flops_per_s, gather_s)
             steps += 1
             below += info.below_threshold
             imbalance += max(info.flops) * ranks / sum(info.flops) if sum(info.flops) else 1.0
