@@ -473,6 +473,10 @@ class PlanSettings:
     kv_cache: keep the batch's KV for every layer (prefix reuse); False: KV-cache-free mode, one layer's.
     offload: move the farthest layers' expert shards to host memory when HBM runs out (hybrid offload).
     memory_utilization: share of HBM the plan may fill (vLLM's default 0.9).
+    link_on_compute: the transfers are driven by the compute cores (gloo over TCP between CPU ranks),
+        so AsyncEP's gathers add their time to the step instead of hiding behind it; ``link_bw`` is then
+        the rate of received bytes per second of the cores' time (what ``benchmarks/transport_bench.py``
+        reports as CPU ms per gather). False: a DMA engine or NVLink moves the bytes beside compute.
     """
 
     gpus: int = 8
@@ -491,6 +495,7 @@ class PlanSettings:
     offload: bool = True
     memory_utilization: float = 0.9
     activation_bytes: int = 2  # BF16 activations, KV and collectives' payloads
+    link_on_compute: bool = False
 
     def __post_init__(self) -> None:
         for name in ("gpus", "tokens_per_gpu", "context"):
@@ -579,7 +584,8 @@ def memory_per_gpu(m: ModelSpec, hw: Hardware, s: PlanSettings) -> Memory:
 
 
 def _link_bw(hw: Hardware, s: PlanSettings) -> float:
-    return (s.link_bw or hw.link_bw(s.link)) * s.link_efficiency
+    # A rate measured on the cores (link_on_compute) is what the transport reaches already.
+    return (s.link_bw or hw.link_bw(s.link)) * (1.0 if s.link_on_compute else s.link_efficiency)
 
 
 def _compute_s(f: LayerFlops, hw: Hardware, s: PlanSettings, expert_scale: float = 1.0) -> float:
@@ -672,13 +678,14 @@ def predict(m: ModelSpec, hw: Hardware, s: PlanSettings, offloaded_layers: int =
 
     # AsyncEP: a MoE layer's gather runs during the compute since the previous MoE layer started
     # (prefetch 1; deeper prefetch is treated as 1); whatever it does not cover is exposed, so a
-    # link-bound step tends to the sum of the gathers. The gather is assumed to take no SMs from compute. A non-resident first MoE layer's gather has
+    # link-bound step tends to the sum of the gathers. The gather is assumed to take no SMs from compute,
+    # unless link_on_compute: then it hides behind nothing. A non-resident first MoE layer's gather has
     # nothing before it in the step (each forward is its own graph). prefetch 0: every gather exposed.
     sharded, exposed, prev = set(_sharded_layers(m, s)), 0.0, None
     offloaded = set(sorted(sharded)[len(sharded) - offloaded_layers:]) if offloaded_layers else set()
     for i in m.moe_layers:
         if i in sharded:
-            window = sum(compute[prev:i]) if prev is not None and s.prefetch > 0 else 0.0
+            window = sum(compute[prev:i]) if prev is not None and s.prefetch > 0 and not s.link_on_compute else 0.0
             exposed += max(0.0, gather_s(m, hw, s, i in offloaded) - window)
         prev = i
     t = sum(compute) + exposed

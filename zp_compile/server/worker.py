@@ -20,6 +20,7 @@ before a restart can never answer for the new ones:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import threading
@@ -198,6 +199,8 @@ def serve(address: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One zp-compile serving rank (start under torchrun).")
     parser.add_argument("--frontend", required=True, help="HOST:PORT of the front end's worker port")
+    # A crash in native code (a kernel, a transport) then leaves every thread's Python stack in the log.
+    faulthandler.enable()
     serve(parser.parse_args(argv).frontend)
 
 
