@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--system-prompt-len", type=int, default=1024)
     parser.add_argument("--question-len", type=int, default=64)
     parser.add_argument("--traces", nargs="+", default=["shared-prefix", "random"], choices=["shared-prefix", "random"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="shared-prefix traces: one per seed (prompts and arrival order)")
     parser.add_argument("--random-prompts", type=int, default=256)
     parser.add_argument("--random-len", type=int, default=512)
     parser.add_argument("--request-rate", type=float, default=float("inf"))
@@ -64,11 +65,14 @@ def main() -> None:
         threshold = ["--threshold-flops", str(args.threshold_tokens / 512 * flops_per_request(spec, 512))]
     tokenizer_dir = Path(tempfile.gettempdir()) / "zp-bench-tokenizer"
     tokenizer = tiny_tokenizer(tokenizer_dir)
-    traces = {
-        "shared-prefix": bench_serve.shared_prefix_dataset(tokenizer, args.groups, args.prompts_per_group, args.system_prompt_len, args.question_len),
-        "random": bench_serve.random_dataset(tokenizer, args.random_prompts, args.random_len),
-    }
-    traces = {name: traces[name] for name in args.traces}
+    traces = {}
+    if "shared-prefix" in args.traces:
+        for seed in args.seeds:
+            name = "shared-prefix" if len(args.seeds) == 1 else f"shared-prefix/s{seed}"
+            traces[name] = bench_serve.shared_prefix_dataset(tokenizer, args.groups, args.prompts_per_group, args.system_prompt_len,
+                                                             args.question_len, seed=seed)  # fmt: skip
+    if "random" in args.traces:
+        traces["random"] = bench_serve.random_dataset(tokenizer, args.random_prompts, args.random_len)
     warm = bench_serve.random_dataset(tokenizer, 8, 200, seed=99)
     rows = []
     for policy in args.policies:

@@ -272,6 +272,28 @@ def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():
     assert all(s.cached_tokens == 64 for b in batches for s in b)
 
 
+def test_a_step_under_T_is_evened_out_across_the_ranks():
+    """Work that fits under T on one rank is split so the busiest rank (which sets the lockstep step's
+    time) carries as little as possible; a sequence that reuses its prefix where it is stays there when
+    moving it would only cost more."""
+    clock = Clock()
+    settings = RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=4096)
+    sched = ThresholdScheduler(2, TOY, settings, clock)
+    sched.policy = lambda views, n_tokens: 0  # every sequence routed to rank 0
+    seqs = [seq(blocks(2, start=100 * i) + [i]) for i in range(6)]  # 33 tokens each, nothing shared
+    sched.add(seqs)
+    batches = sched.next_step()
+    assert batches[0] == seqs[:3] and sorted(map(id, batches[1])) == sorted(map(id, seqs[3:]))  # the youngest moved
+    assert sched.last_step.flops[0] == pytest.approx(sched.last_step.flops[1])
+    # A hit stays where its prefix is: on rank 1 it would compute 64 tokens instead of 1.
+    prefix = blocks(4, start=700)
+    sched.add([seq(prefix + [1])])
+    sched.next_step()  # rank 0 caches the prefix
+    hits = [seq(prefix + [i]) for i in range(2, 4)]
+    sched.add(hits)
+    assert sched.next_step() == [hits, []]
+
+
 def test_a_batch_mate_computing_the_same_prefix_defers_a_sequence_one_step():
     sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=1024), Clock())
     shared = blocks(3)

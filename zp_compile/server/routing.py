@@ -144,10 +144,11 @@ class RouterSettings:
     cache_tokens: each rank's prefix-cache budget in tokens (``prefix.cache_tokens_for_bytes`` from
         bytes); 0: no reuse (KV-cache-free ranks).
     policy / balance_bound: the routing policy; zero_prefill's bound in units of T.
-    min_efficiency: a sequence joins a non-empty batch only if the batch's FLOPs stay at least this
-        share of what the rank computes for it: rows are padded to the batch's widest suffix and past, so
-        one 1,024-token miss among 64-token hits would make the rank compute the hits 16 times over
-        (0: no check)."""
+    min_efficiency: a sequence joins a non-empty batch only if what its rows would cost one by one
+        (each padded to a multiple of 16, attending over its own past) stays at least this share of what
+        the rank computes for the batch: every row is padded to the batch's widest suffix and attends over
+        its longest past, so one 1,024-token miss among 64-token hits would make the rank compute the hits
+        16 times over (0: no check)."""
 
     threshold_flops: float
     max_tokens: int = 8192
@@ -196,6 +197,8 @@ class _Fill:
         self.computing: set[bytes] = set()  # blocks this batch computes (and the rank caches after the step)
         self.width = self.tokens = self.past = 0
         self.flops = 0.0
+        self.seq_flops: list[float] = []  # each sequence's FLOPs here, reuse subtracted
+        self.alone = 0.0  # what the rows would cost one by one: each padded to a multiple of 16, over its own past
 
     @property
     def padded_flops(self) -> float:
@@ -222,16 +225,24 @@ class _Fill:
         if (len(self.batch) + 1) * width > self.sched.settings.max_tokens:
             return False
         past = max(self.past, hit * BLOCK)
+        alone = self.sched._flops(padded_len(new), hit * BLOCK)
+        if self.batch and self.alone + alone < self.sched.settings.min_efficiency * (len(self.batch) + 1) * self.sched._flops(width, past):
+            return False  # the batch would be mostly padding: it waits for rows of its own width
         flops = self.sched._flops(new, hit * BLOCK)
-        if self.batch and self.flops + flops < self.sched.settings.min_efficiency * (len(self.batch) + 1) * self.sched._flops(width, past):
-            return False  # mostly padding: it waits for a batch of its own width
-        self.past = past
+        self.past, self.alone = past, self.alone + alone
         self.batch.append(s)
         self.hits.append(hit)
         self.computing.update(s.block_hashes[hit:])
         self.width, self.tokens = width, self.tokens + new
         self.flops += flops
+        self.seq_flops.append(flops)
         return True
+
+    def without(self, s: Sequence) -> _Fill | None:
+        """This batch less ``s``, the rest taken again in order; None if one of them would then be passed
+        over (without a wide row, a narrow one may be mostly padding: min_efficiency)."""
+        out = _Fill(self.sched, self.rank)
+        return out if all(out.take(x) for x in self.batch if x is not s) else None
 
 
 class ThresholdScheduler:
@@ -246,15 +257,19 @@ class ThresholdScheduler:
        have: it can be overtaken, never starved. A sequence is also passed over for this step when
        - a batch-mate computes the block after its cached prefix (it reuses that block next step instead
          of computing it a second time: SGLang's in-batch prefix check), or
-       - it would leave the batch's FLOPs under ``min_efficiency`` x what the rank computes for it
-         padded (every row is as wide as the widest suffix, and attends over the longest past).
+       - its rows' own cost (one by one) would fall under ``min_efficiency`` x what the rank computes
+         for the batch (every row as wide as the widest suffix, attending over the longest past).
     2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
        other ranks (those their own rank could not run this step), skipping any that do not fit, until
        it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
        takes work its own rank would have left for a later step, so it never delays that rank.
     3. Hold: if the busiest rank is under T, nothing is left over and the oldest waiting sequence has
        waited less than max_wait_ms, every batch is returned empty and ``wake_in`` says when to ask again.
-    4. Otherwise the step is committed: the prefix-cache views are updated per rank in batch order,
+    4. Evening out: while moving one of the busiest rank's youngest sequences to the least-loaded rank
+       lowers the step's largest FLOPs (counting what it reuses where it lands, and only if both batches
+       still pass the checks of 1), it is moved. This trims the steps whose work fits under T on one
+       rank (light load, the tail of a burst), where 2 would move nothing.
+    5. Then the step is committed: the prefix-cache views are updated per rank in batch order,
        each sequence gets ``rank``, ``cached_tokens`` and its true ``flops``, and ``last_step`` describes
        the step. The step returned by the previous call is taken to have finished (the server's step
        loop asks again only after it has).
@@ -345,7 +360,27 @@ class ThresholdScheduler:
         if max(f.flops for f in fills) < T and not any(left) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
             self._held_until = oldest + self.settings.max_wait_ms / 1e3
             return [[] for _ in range(R)]
+        self._even_out(fills)
         return self._commit(fills)
+
+    def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
+        """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates`` youngest sequences to the least
+        loaded rank lowers the step's largest FLOPs (counting what the sequence reuses where it lands),
+        move it. Lockstep: the busiest rank sets every rank's step time."""
+        for _ in range(sum(len(f.batch) for f in fills)):
+            busiest = max(fills, key=lambda f: (f.flops, -f.rank))
+            least = min(fills, key=lambda f: (f.flops, f.rank))
+            for s, here in list(zip(busiest.batch, busiest.seq_flops))[::-1][:candidates]:
+                n = len(s.ids)
+                hit = least.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
+                if max(busiest.flops - here, least.flops + self._flops(n - hit, hit)) >= busiest.flops:
+                    continue
+                rest = busiest.without(s)
+                if rest is not None and least.take(s):
+                    fills[busiest.rank] = rest
+                    break
+            else:
+                return
 
     def drain(self) -> list[Sequence]:
         """Everything waiting, removed. The ranks failed: their caches are gone, so the views restart empty."""
