@@ -364,9 +364,9 @@ class ThresholdScheduler:
         return self._commit(fills)
 
     def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
-        """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates`` youngest sequences to the least
-        loaded rank lowers the step's largest FLOPs (counting what the sequence reuses where it lands),
-        move it. Lockstep: the busiest rank sets every rank's step time."""
+        """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates``
+        youngest sequences to the least-loaded rank lowers the step's largest FLOPs (counting what the
+        sequence reuses where it lands), move it. Lockstep: the busiest rank sets every rank's step time."""
         for _ in range(sum(len(f.batch) for f in fills)):
             busiest = max(fills, key=lambda f: (f.flops, -f.rank))
             least = min(fills, key=lambda f: (f.flops, f.rank))
@@ -477,8 +477,9 @@ class ReplayResult:
 def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, settings: RouterSettings,
            flops_per_s: float, gather_s: float = 0.0) -> ReplayResult:  # fmt: skip
     """Run ``ThresholdScheduler`` over ``trace`` ((arrival seconds, token ids), any order) with a step
-    time of max over ranks of the step's padded FLOPs (what the ranks compute) / ``flops_per_s``, and at least ``gather_s`` (the
-    exposed expert gather of a step under T; 0: compute only). No model, no server."""
+    time of max over ranks of the step's padded FLOPs (what the ranks compute) / ``flops_per_s``, and
+    at least ``gather_s`` (the exposed expert gather of a step under T; 0: compute only). No model, no
+    server."""
     if flops_per_s <= 0:
         raise ValueError(f"flops_per_s must be > 0, got {flops_per_s}")
     trace = sorted(trace, key=lambda x: x[0])
