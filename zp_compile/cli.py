@@ -160,8 +160,8 @@ def _add_serve(sub) -> None:
                    help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
     p.add_argument("--min-batch-efficiency", type=float, default=d.min_batch_efficiency,
-                   help="with a routing policy: a sequence joins a step's batch only if the batch's FLOPs stay at least this share "
-                   "of what the rank computes with padding (0: no check; default %(default)s)")  # fmt: skip
+                   help="with a routing policy: a sequence joins a step's batch only if what the rows would cost one by one stays "
+                   "at least this share of what the rank computes for the padded batch (0: no check; default %(default)s)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip

@@ -74,7 +74,7 @@ class ServeSettings:
     threshold_flops: float | None = None  # T per rank per step; None: measured by the ranks at start-up
     max_wait_ms: float = 50.0  # the longest a step is held back for more work while every rank is under T
     cache_tokens: int = 0  # each rank's prefix KV cache budget in tokens, mirrored by the router's view
-    min_batch_efficiency: float = 0.4  # RouterSettings.min_efficiency: a batch's FLOPs over its padded FLOPs
+    min_batch_efficiency: float = 0.4  # RouterSettings.min_efficiency: rows' own cost over the padded batch's
 
 
 class ServerState:
