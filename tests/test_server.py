@@ -192,6 +192,9 @@ def test_load_every_request_answered_once_and_counted(server):
         assert server.metric("zp_requests_total", route=route, status="200") - before[route] == sent
     assert server.metric("zp_prompt_tokens_total") - tokens_before == prompt_tokens
     assert server.metric("zp_sequences_waiting") == 0
+    # Each rank's own step time is part of the step's wall time, never more.
+    busy = [server.metric("zp_rank_busy_seconds_total", rank=str(r)) for r in range(2)]
+    assert all(0 < b <= server.metric("zp_step_seconds_sum") for b in busy)
 
 
 def test_health_answers_while_a_step_runs(server):

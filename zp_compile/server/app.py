@@ -165,7 +165,8 @@ class ServerState:
                 for s, out in zip(batch, outs):
                     if not s.future.done():
                         s.future.set_result(out)
-            self.metrics.record_step([sum(len(s.ids) for s in b) for b in batches], [sum(s.flops for s in b) for b in batches])
+            self.metrics.record_step([sum(len(s.ids) for s in b) for b in batches], [sum(s.flops for s in b) for b in batches],
+                                     self.ranks.last_seconds)  # fmt: skip
             step = getattr(self.scheduler, "last_step", None)
             if step is not None:  # the threshold scheduler's view of the step it made
                 self.metrics.record_admission(step.below_threshold, sum(step.cached_tokens))

@@ -70,6 +70,7 @@ class Ranks:
         self.port = self.store.port
         self.generation = -1
         self.step = 0
+        self.last_seconds: list[float] = []  # each rank's own seconds in the last step (run)
         self.proc: subprocess.Popen | None = None
         self.info: list[dict] = []
         self._beats: dict[int, tuple[int, float]] = {}
@@ -106,7 +107,8 @@ class Ranks:
         return self.info
 
     def run(self, batches: list[list[dict]]) -> list[list[dict]]:
-        """One lockstep step: rank r scores ``batches[r]`` (possibly empty); returns each rank's readouts."""
+        """One lockstep step: rank r scores ``batches[r]`` (possibly empty); returns each rank's readouts.
+        ``last_seconds``: then each rank's own time for the step (its forward and readouts)."""
         n, ranks = self.step, range(self.settings.ranks)
         for r in ranks:
             self.store.set(f"{self.prefix}/step/{n}/{r}", json.dumps({"seqs": batches[r]}))
@@ -119,9 +121,11 @@ class Ranks:
                 checked = time.monotonic()
             time.sleep(_POLL_S)
         self.step += 1
-        out = []
+        out, self.last_seconds = [], []
         for r, key in zip(ranks, keys):
-            out.append(json.loads(self.store.get(key))["results"])
+            reply = json.loads(self.store.get(key))
+            out.append(reply["results"])
+            self.last_seconds.append(reply["seconds"])
             self.store.delete_key(key)
             self.store.delete_key(f"{self.prefix}/step/{n}/{r}")
         return out
