@@ -46,7 +46,11 @@ def run(settings: ServeSettings, ranks: Ranks, *, host: str = "127.0.0.1", port:
     # out of the cyclic GC, whose full passes over it stalled the event loop for ~0.3 s under load.
     gc.collect()
     gc.freeze()
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30))
+    # Keep-alive longer than clients' idle-connection expiry (httpx 5 s, aiohttp 15 s): with uvicorn's 5 s
+    # default, a pooled connection idle while steps run could be closed just as a client sent on it, and
+    # that request failed with no response (seen in the load test).
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30, timeout_keep_alive=75)
+    server = DrainingServer(config)
     server.run()
     state = getattr(app.state, "zp", None)
     return state.exit_code if state is not None else 1
