@@ -157,7 +157,8 @@ def test_a_link_on_the_compute_cores_adds_every_gather_to_the_step():
     beside = PlanSettings(gpus=2, tokens_per_gpu=8192, context=512, link_bw=1.2e9)
     on_cores = dataclasses.replace(beside, link_on_compute=True)
     hidden = plan(m, hw, beside).predictions["AsyncEP"]
-    added = plan(m, hw, on_cores).predictions["AsyncEP"]
+    on = plan(m, hw, on_cores).predictions
+    added = on["AsyncEP"]
     shard_bytes = 64 * m.expert_params * hw.weight_bytes  # 128 experts, 64 per rank, received by the other
     per_gather = shard_bytes / 1.2e9 + hw.hop_latency_s  # the measured rate, no link efficiency applied
     assert gather_s(m, hw, on_cores) == pytest.approx(per_gather)
@@ -165,7 +166,7 @@ def test_a_link_on_the_compute_cores_adds_every_gather_to_the_step():
     sharded = len(m.moe_layers) - 1  # the first MoE layer stays whole
     assert added.step_s == pytest.approx(hidden.step_s + sharded * per_gather)  # ...but on the cores all of it adds
     for name in ("TP", "EP", "PP"):  # their collectives were never hidden
-        assert plan(m, hw, on_cores).predictions[name].step_s == pytest.approx(plan(m, hw, dataclasses.replace(beside, link_efficiency=1.0)).predictions[name].step_s)
+        assert on[name].step_s == pytest.approx(plan(m, hw, dataclasses.replace(beside, link_efficiency=1.0)).predictions[name].step_s)
 
 
 def test_cpu_profile_from_given_numbers():

@@ -443,9 +443,8 @@ class ThresholdScheduler:
                 self._dequeue(s)
             hits, _ = self._caches[fill.rank].step([s.block_hashes for s in fill.batch], [cacheable_blocks(len(s.ids)) for s in fill.batch])
             assert hits == fill.hits, "the cache view changed between the fill and the commit"
-            for s, hit in zip(fill.batch, hits):
-                s.rank, s.cached_tokens = fill.rank, hit * BLOCK
-                s.flops = self._flops(len(s.ids) - s.cached_tokens, s.cached_tokens)
+            for s, hit, flops in zip(fill.batch, hits, fill.seq_flops):  # the fill counted each one's FLOPs
+                s.rank, s.cached_tokens, s.flops = fill.rank, hit * BLOCK, flops
             cached.append(sum(s.cached_tokens for s in fill.batch))
         self._running_flops = [f.flops for f in fills]
         self._running_tokens = [f.tokens for f in fills]
