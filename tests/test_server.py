@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from server_utils import Server
+from zp_compile import cli
 from zp_compile.server import protocol as p
 
 LABELS = [" yes", " no"]
@@ -268,7 +269,8 @@ def slow_checkpoint(tmp_path_factory):
 
 
 def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
-    args = ["--backend", "eager", "--labels", *LABELS, "--max-waiting", "32", "--max-items", "16", "--max-body-bytes", "20000"]
+    args = ["--backend", "eager", "--labels", *LABELS, "--max-waiting", "32", "--max-items", "16", "--max-body-bytes", "20000",
+            "--heartbeat-timeout", "300"]  # fmt: skip
     with Server(slow_checkpoint, *args, api_key="s3cret") as srv:
         assert httpx.get(srv.url + "/health").status_code == 200  # no key needed
         for path in ("/v1/models", "/metrics", "/openapi.json"):
@@ -299,20 +301,42 @@ def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
             if r.status_code == 429:
                 assert r.json()["error"]["type"] == "rate_limit_error"
         assert max(waiting_seen) <= 32
-        # A client that disconnects while its work is queued: the work is dropped, never run.
+        # A client that disconnects while its work is queued: the work is dropped, never run. The ranks
+        # are stopped first (--heartbeat-timeout keeps that from counting as a failure), so the one-sequence
+        # step handed out next cannot finish and the "dropped" request stays queued behind it, whatever the
+        # machine's speed.
         dropped_before = srv.metric("zp_sequences_dropped_total")
-        out = {}
-        # Three busy requests (24 sequences, several steps) keep the "dropped" one queued well past its 0.2 s.
-        busy = threading.Thread(target=lambda: out.update(r=_flood(srv, [("/classify", {"input": ["long text " * 150] * 8})] * 3, 3)))
-        busy.start()
-        wait_for(lambda: srv.metric("zp_sequences_running") > 0, "the busy requests to start running")
-        with pytest.raises(httpx.ReadTimeout):
-            srv.client.post("/classify", json={"input": ["dropped"] * 8}, timeout=0.2)
-        busy.join()
-        assert [r.status_code for r in out["r"]] == [200, 200, 200]
-        wait_for(lambda: srv.metric("zp_sequences_dropped_total") - dropped_before >= 8, "the dropped sequences to be counted")
+        ranks = srv.ranks()
+        for proc in ranks:
+            proc.suspend()
+        try:
+            out = {}
+            blocker = threading.Thread(target=lambda: out.update(r=_flood(srv, [("/classify", {"input": "blocker"})], 1)))
+            blocker.start()
+            wait_for(lambda: srv.metric("zp_sequences_running") == 1, "the blocking step to be handed to the stopped ranks")
+            with pytest.raises(httpx.ReadTimeout):
+                srv.client.post("/classify", json={"input": ["dropped"] * 8}, timeout=0.5)
+            wait_for(lambda: srv.metric("zp_sequences_dropped_total") - dropped_before >= 8, "the dropped sequences to be counted")
+            assert srv.metric("zp_sequences_waiting") == 0
+        finally:
+            for proc in ranks:
+                proc.resume()
+        blocker.join()
+        assert [r.status_code for r in out["r"]] == [200]
         assert srv.metric("zp_sequences_dropped_total") - dropped_before == 8, srv.client.get("/metrics").text
         assert srv.metric("zp_requests_total", route="/classify", status="499") >= 1
+        assert srv.metric("zp_worker_failures_total") == 0
+        assert srv.client.post("/classify", json={"input": "after"}).status_code == 200
+
+
+def test_serve_refuses_bad_settings_before_starting_ranks(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for flag, value, message in [("--heartbeat-timeout", "0", "--heartbeat-timeout must be > 0"),
+                                 ("--cache-tokens", "-1", "--cache-tokens must be >= 0"),
+                                 ("--min-batch-efficiency", "1", "--min-batch-efficiency must be in [0, 1)")]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            cli.main(["serve", "--model", str(tmp_path), flag, value])
+        assert message in str(e.value), e.value
 
 
 def wait_for(condition, what: str, timeout: float = 60) -> None:

@@ -150,6 +150,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413 (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds (default %(default)s)")
     p.add_argument("--step-timeout", type=float, default=120.0, help="a step slower than this fails the ranks (default %(default)s s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="a rank whose heartbeat stands still this long has failed (default %(default)s s)")  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the ranks to load and compile (default %(default)s)")
     p.add_argument("--on-worker-failure", choices=["restart", "exit"], default=d.on_worker_failure)
     p.add_argument("--policy", default=d.policy, choices=["fifo", "round_robin", "least_flops", "cache_aware", "zero_prefill"],
@@ -198,6 +200,9 @@ def run_serve(args: argparse.Namespace) -> int:
                          "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
     if args.cache_tokens < 0:
         raise ValueError(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
+    for flag in ("request_timeout", "step_timeout", "start_timeout", "heartbeat_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
     if not 0 <= args.min_batch_efficiency < 1:
         raise ValueError(f"--min-batch-efficiency must be in [0, 1), got {args.min_batch_efficiency}")
     if args.max_items > args.max_waiting:
@@ -215,7 +220,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                  measure_threshold=args.policy != "fifo" and args.threshold_flops is None,
                                  cache_tokens=args.cache_tokens)  # fmt: skip
     ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
-                  start_timeout=args.start_timeout, step_timeout=args.step_timeout)  # fmt: skip
+                  start_timeout=args.start_timeout, step_timeout=args.step_timeout,
+                  heartbeat_timeout=args.heartbeat_timeout)  # fmt: skip
     if args.external_ranks:
         print(f"zp-compile serve: waiting for {args.nproc} ranks; on each host run\n"
               f"  torchrun --nnodes NODES --nproc_per_node RANKS_PER_NODE --rdzv-backend c10d --rdzv-endpoint HOST0:29500 "

@@ -229,6 +229,7 @@ class ServerState:
             if gathered in done:
                 return gathered.result()
             self.metrics.dropped.inc(self.scheduler.discard(seqs))  # nobody will read the answer: do not compute it
+            self.metrics.set_queue(len(self.running), self.scheduler.waiting())
             gathered.cancel()
             if gone in done:
                 raise ApiError(499, "the client disconnected", "client_closed")
