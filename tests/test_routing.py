@@ -19,6 +19,7 @@ from zp_compile.server.routing import (
     RouterSettings,
     ThresholdScheduler,
     ZeroPrefill,
+    _Fill,
     cache_aware,
     least_flops,
     make_policy,
@@ -321,8 +322,47 @@ def test_a_batch_keeps_most_of_its_compute_useful():
     loose.add([seq(shared + [9])])
     loose.next_step()
     loose.add([hits[0], miss, *hits[1:]])
-    assert loose.next_step() == [[hits[0], miss, *hits[1:]]]
+    assert loose.next_step() == [[*hits, miss]]  # rows of the head's shape first, then the wider one
     assert loose.last_step.padded_flops[0] == pytest.approx(4 * flops_per_request(TOY, 144, 128))
+
+
+def test_one_narrow_row_never_makes_a_batch_of_wide_rows_attend_over_its_long_past():
+    """A row joins only if what it adds to the rank's padded FLOPs is at most 10x its own cost, even when
+    the batch as a whole would keep min_efficiency: a hit among misses pads every miss to its past."""
+    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, min_efficiency=0.3)
+    sched = ThresholdScheduler(1, TOY, settings, Clock())
+    shared = blocks(8)
+    sched.add([seq(shared + [9])])
+    sched.next_step()  # the 128-token prefix is cached now
+    misses = [seq(blocks(8, start=1000 + 200 * i) + [5]) for i in range(4)]  # 129 new tokens each
+    hit = seq(shared + [7] * 15)  # 15 new tokens after 128 cached
+    sched.add([misses[0], hit, *misses[1:]])
+    F = lambda new, cached: flops_per_request(TOY, new, cached)  # noqa: E731
+    together = 5 * F(144, 128)  # every row 144 wide over a 128-token past
+    assert (4 * F(144, 0) + F(16, 128)) / together > 0.3  # the batch as a whole would pass min_efficiency ...
+    assert F(16, 128) < 0.1 * (together - 4 * F(144, 0))  # ... but the hit alone adds > 10x its cost
+    assert sched.next_step() == [misses]
+    assert sched.next_step() == [[hit]]
+
+
+def test_rows_of_the_heads_shape_are_taken_before_a_wider_one():
+    """A wider row met early would widen the batch for every narrow row behind it: rows that fit the
+    batch's shape so far go first, and the wider row joins only if it still passes the checks."""
+    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096)
+    sched = ThresholdScheduler(1, TOY, settings, Clock())
+    shared = blocks(8)
+    sched.add([seq(shared + [9])])
+    sched.next_step()
+    hits = [seq(shared + [i] * 15) for i in range(7)]  # 15 new tokens after 128 cached
+    partial = seq(shared[:64] + blocks(5, start=3000))  # reuses 4 blocks, 80 new tokens
+    sched.add([hits[0], partial, *hits[1:]])
+    # Taken in plain order, the partial row would join the first hit (and all later hits be 80 wide) ...
+    alone = _Fill(sched, 0)
+    assert alone.take(hits[0]) and alone.take(partial)
+    # ... taken shape first, the hits run 16 wide, then the partial row in a step of its own.
+    assert sched.next_step() == [hits]
+    assert sched.last_step.padded_flops == [7 * flops_per_request(TOY, 16, 128)]
+    assert sched.next_step() == [[partial]]
 
 
 def test_the_view_matches_a_rank_side_cache_that_follows_the_contract():

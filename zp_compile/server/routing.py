@@ -148,7 +148,8 @@ class RouterSettings:
         (each padded to a multiple of 16, attending over its own past) stays at least this share of what
         the rank computes for the batch: every row is padded to the batch's widest suffix and attends over
         its longest past, so one 1,024-token miss among 64-token hits would make the rank compute the hits
-        16 times over (0: no check)."""
+        16 times over. Also, no row may add more than 10x its own cost to the batch's padded FLOPs
+        (``_MIN_MARGINAL``). 0: neither check."""
 
     threshold_flops: float
     max_tokens: int = 8192
@@ -184,6 +185,10 @@ class StepInfo:
     below_threshold: bool  # even the busiest rank is under T: the gathers are not hidden (zp_steps_below_threshold_total)
 
 
+# A row joins a batch only if what it adds to the rank's padded FLOPs is at most 10x its own cost: one
+# 64-token hit must not make four 1,088-token misses attend over its 1,024-token past (the batch as a
+# whole would still pass min_efficiency, yet its step would take ~1.7x as long).
+_MIN_MARGINAL = 0.1
 _EPS_S = 1e-9  # clock slack: a replay's "now + wake_in()" may land one rounding short of the deadline
 
 
@@ -211,8 +216,9 @@ class _Fill:
         s = self.sched.settings
         return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or (len(self.batch) + 1) * self.width > s.max_tokens
 
-    def take(self, s: Sequence) -> bool:
-        """Add ``s`` if the rank is under T and it fits the budgets; whether it was added."""
+    def take(self, s: Sequence, widen: bool = True) -> bool:
+        """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``widen=False``:
+        only if it fits the batch's shape so far (no wider suffix, no longer past)."""
         if self.full:
             return False
         n = len(s.ids)
@@ -221,13 +227,17 @@ class _Fill:
         if hit < limit and s.block_hashes[hit] in self.computing:
             return False  # a batch-mate computes its next block: one step later it reuses that instead
         new = n - hit * BLOCK
+        if self.batch and not widen and (padded_len(new) > self.width or hit * BLOCK > self.past):
+            return False
         width = max(self.width, padded_len(new))
         if (len(self.batch) + 1) * width > self.sched.settings.max_tokens:
             return False
         past = max(self.past, hit * BLOCK)
-        alone = self.sched._flops(padded_len(new), hit * BLOCK)
-        if self.batch and self.alone + alone < self.sched.settings.min_efficiency * (len(self.batch) + 1) * self.sched._flops(width, past):
-            return False  # the batch would be mostly padding: it waits for rows of its own width
+        alone = self.sched._flops(padded_len(new), hit * BLOCK)  # the row by itself: padded to 16, over its own past
+        padded = (len(self.batch) + 1) * self.sched._flops(width, past)
+        if self.batch and self.sched.settings.min_efficiency and (self.alone + alone < self.sched.settings.min_efficiency * padded
+                           or alone < _MIN_MARGINAL * (padded - self.padded_flops)):  # fmt: skip
+            return False  # it would cost the rank mostly padding: it waits for rows of its own shape
         flops = self.sched._flops(new, hit * BLOCK)
         self.past, self.alone = past, self.alone + alone
         self.batch.append(s)
@@ -237,6 +247,21 @@ class _Fill:
         self.flops += flops
         self.seq_flops.append(flops)
         return True
+
+    def take_all(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Take ``seqs`` in order, first those that fit the batch's shape so far, then the rest; the ones
+        passed over, in order. Rows of the head's shape or narrower go first, so one wider row met early
+        cannot shut out the many narrow rows queued behind it (each would then cost its width)."""
+        for widen in (False, True):
+            rest = []
+            for i, s in enumerate(seqs):
+                if self.full:
+                    rest += seqs[i:]
+                    break
+                if not self.take(s, widen):
+                    rest.append(s)
+            seqs = rest
+        return seqs
 
     def without(self, s: Sequence) -> _Fill | None:
         """This batch less ``s``, the rest taken again in order; None if one of them would then be passed
@@ -250,15 +275,18 @@ class ThresholdScheduler:
     front end's prefix-cache views and admission by the saturation threshold.
 
     Each ``next_step``:
-    1. Every rank takes its own queue in arrival order until its FLOPs reach T or its sequence budget;
-       a sequence that would push the batch (batch x padded width of the uncached tokens) over the
-       padded-token budget is passed over for this step and later ones may still fit. The head of
-       every queue always runs, so a passed-over sequence runs at the latest once all older ones
-       have: it can be overtaken, never starved. A sequence is also passed over for this step when
+    1. Every rank takes its own queue in arrival order until its FLOPs reach T or its sequence budget,
+       in two passes: first only the sequences that fit the batch's shape so far (no wider suffix, no
+       longer past than the head's), then the others. A sequence that would push the batch (batch x
+       padded width of the uncached tokens) over the padded-token budget is passed over for this step
+       and later ones may still fit. The head of every queue always runs, so a passed-over sequence
+       runs at the latest once all older ones have: it can be overtaken, never starved. A sequence is
+       also passed over for this step when
        - a batch-mate computes the block after its cached prefix (it reuses that block next step instead
          of computing it a second time: SGLang's in-batch prefix check), or
        - its rows' own cost (one by one) would fall under ``min_efficiency`` x what the rank computes
-         for the batch (every row as wide as the widest suffix, attending over the longest past).
+         for the batch (every row as wide as the widest suffix, attending over the longest past), or
+         it alone would add more than 10x its own cost to that.
     2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
        other ranks (those their own rank could not run this step), skipping any that do not fit, until
        it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
@@ -336,17 +364,7 @@ class ThresholdScheduler:
         if not self._since:
             return [[] for _ in range(R)]
         fills = [_Fill(self, r) for r in range(R)]
-        left: list[list[Sequence]] = []
-        for fill, queue in zip(fills, self._queues):
-            q = list(queue)
-            rest: list[Sequence] = []
-            for i, s in enumerate(q):
-                if fill.full:
-                    rest += q[i:]
-                    break
-                if not fill.take(s):
-                    rest.append(s)
-            left.append(rest)
+        left = [fill.take_all(list(queue)) for fill, queue in zip(fills, self._queues)]
         for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
             if fill.full:
                 continue
