@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 import struct
 
@@ -231,10 +232,11 @@ def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
             continue
         steps += 1
         info = sched.last_step
-        for b, f in zip(batches, info.flops):
+        for r, (b, f) in enumerate(zip(batches, info.flops)):
             assert len(b) <= 16 and padded(b) <= 1024
             assert f == pytest.approx(sum(s.flops for s in b))
-            assert not b or f - b[-1].flops < T  # a rank stops taking work once it reaches T
+            if b and f - b[-1].flops >= T:  # past T only to top up to a busier rank's level
+                assert info.padded_flops[r] <= max(p for i, p in enumerate(info.padded_flops) if i != r)
         assert info.below_threshold == (max(info.flops) < T)
         if sched.waiting():
             assert min(info.flops) >= T  # work left over: every rank was filled to T
@@ -250,6 +252,32 @@ def test_a_sequence_over_the_padded_budget_is_passed_over_for_one_step_not_starv
     sched.add([a, long, c, d])
     assert sched.next_step() == [[a, c, d]]  # 2 x 112 padded tokens would not fit: the short ones go on
     assert sched.next_step() == [[long]]  # now the head: it always runs
+
+
+def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_padded_flops():
+    """Lockstep: the busiest rank sets the step's time. A rank that reached T with small rows keeps taking
+    them while its padded FLOPs stay within the busiest rank's (which two wide misses pushed past T)."""
+    T = 3 * flops_per_request(TOY, 100)
+    settings = RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, balance_bound=1e9)
+    sched = ThresholdScheduler(2, TOY, settings, Clock())
+    shared = blocks(8)
+    warm = seq(shared + [9])
+    sched.add([warm])
+    sched.next_step()
+    hits = [seq(shared + [i] * 15) for i in range(40)]  # 15 new tokens after 128 cached
+    misses = [seq(blocks(10, start=1000 + 200 * i) + [5]) for i in range(3)]
+    sched.add(hits)
+    sched.add(misses)
+    h, m = warm.rank, 1 - warm.rank
+    assert {s.rank for s in hits} == {h} and {s.rank for s in misses} == {m}
+    batches = sched.next_step()
+    info = sched.last_step
+    row = flops_per_request(TOY, 16, 128)  # one hit's row, padded to 16
+    to_T = math.ceil(T / flops_per_request(TOY, 15, 128))
+    assert len(batches[m]) == 2 and info.flops[m] >= T  # the misses' rank crossed T by most of a miss
+    assert len(batches[h]) == int(info.padded_flops[m] // row) > to_T  # more hits than T needs: up to that level
+    assert info.padded_flops[h] <= info.padded_flops[m] < info.padded_flops[h] + row
+    assert batches[h] == hits[: len(batches[h])]  # in arrival order
 
 
 def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():

@@ -216,10 +216,11 @@ class _Fill:
         s = self.sched.settings
         return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or (len(self.batch) + 1) * self.width > s.max_tokens
 
-    def take(self, s: Sequence, widen: bool = True) -> bool:
+    def take(self, s: Sequence, widen: bool = True, cap: float | None = None) -> bool:
         """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``widen=False``:
-        only if it fits the batch's shape so far (no wider suffix, no longer past)."""
-        if self.full:
+        only if it fits the batch's shape so far (no wider suffix, no longer past). ``cap``: instead of
+        stopping at T, only while the padded FLOPs stay within ``cap``."""
+        if self.full if cap is None else len(self.batch) >= self.sched.settings.max_seqs:
             return False
         n = len(s.ids)
         limit = cacheable_blocks(n)
@@ -238,6 +239,8 @@ class _Fill:
         if self.batch and self.sched.settings.min_efficiency and (self.alone + alone < self.sched.settings.min_efficiency * padded
                            or alone < _MIN_MARGINAL * (padded - self.padded_flops)):  # fmt: skip
             return False  # it would cost the rank mostly padding: it waits for rows of its own shape
+        if cap is not None and padded > cap:
+            return False
         flops = self.sched._flops(new, hit * BLOCK)
         self.past, self.alone = past, self.alone + alone
         self.batch.append(s)
@@ -297,7 +300,11 @@ class ThresholdScheduler:
        lowers the step's largest FLOPs (counting what it reuses where it lands, and only if both batches
        still pass the checks of 1), it is moved. This trims the steps whose work fits under T on one
        rank (light load, the tail of a burst), where 2 would move nothing.
-    5. Then the step is committed: the prefix-cache views are updated per rank in batch order,
+    5. Topping up: the busiest rank sets the step's time, so every other rank takes more work (its own
+       passed-over sequences, then other ranks' oldest) while its padded FLOPs stay within the busiest
+       rank's. Filling to T stops at the first sequence that crosses it, and ranks cross it by
+       different amounts (four 1,088-token misses reach 1.18 T, 49 hits 1.00 T).
+    6. Then the step is committed: the prefix-cache views are updated per rank in batch order,
        each sequence gets ``rank``, ``cached_tokens`` and its true ``flops``, and ``last_step`` describes
        the step. The step returned by the previous call is taken to have finished (the server's step
        loop asks again only after it has).
@@ -379,7 +386,24 @@ class ThresholdScheduler:
             self._held_until = oldest + self.settings.max_wait_ms / 1e3
             return [[] for _ in range(R)]
         self._even_out(fills)
+        self._top_up(fills, left)
         return self._commit(fills)
+
+    def _top_up(self, fills: list[_Fill], left: list[list[Sequence]], scan: int = 512) -> None:
+        """Step 5 of ``ThresholdScheduler``: the busiest rank sets the step's time, so every other rank
+        takes more work while its padded FLOPs stay within the busiest rank's: its own passed-over
+        sequences first, then the oldest of other ranks' (at most ``scan`` of each), the head's shape
+        first. A rank filled to T by rows cheaper than the busiest rank's last one ends the step short of
+        it (49 hits at 1.00 T beside four misses at 1.18 T): that gap is free to fill."""
+        level = max(f.padded_flops for f in fills)
+        taken: set[Sequence] = set()
+        for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
+            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r] if s not in taken), key=self._since.__getitem__)
+            for seqs in (left[fill.rank][:scan], others[:scan]):
+                for widen in (False, True):
+                    for s in seqs:
+                        if s not in taken and fill.take(s, widen, cap=level):
+                            taken.add(s)
 
     def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
         """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates``
