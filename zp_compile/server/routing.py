@@ -251,17 +251,18 @@ class _Fill:
         self.seq_flops.append(flops)
         return True
 
-    def take_all(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Take ``seqs`` in order, first those that fit the batch's shape so far, then the rest; the ones
-        passed over, in order. Rows of the head's shape or narrower go first, so one wider row met early
-        cannot shut out the many narrow rows queued behind it (each would then cost its width)."""
+    def take_all(self, seqs: list[Sequence], cap: float | None = None) -> list[Sequence]:
+        """Take ``seqs`` in order (``take``, with ``cap``), first those that fit the batch's shape so far,
+        then the rest; the ones passed over, in order. Rows of the head's shape or narrower go first, so
+        one wider row met early cannot shut out the many narrow rows queued behind it (each would then
+        cost its width)."""
         for widen in (False, True):
             rest = []
             for i, s in enumerate(seqs):
-                if self.full:
+                if cap is None and self.full:
                     rest += seqs[i:]
                     break
-                if not self.take(s, widen):
+                if not self.take(s, widen, cap):
                     rest.append(s)
             seqs = rest
         return seqs
@@ -398,12 +399,10 @@ class ThresholdScheduler:
         level = max(f.padded_flops for f in fills)
         taken: set[Sequence] = set()
         for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
-            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r] if s not in taken), key=self._since.__getitem__)
-            for seqs in (left[fill.rank][:scan], others[:scan]):
-                for widen in (False, True):
-                    for s in seqs:
-                        if s not in taken and fill.take(s, widen, cap=level):
-                            taken.add(s)
+            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
+            for seqs in (left[fill.rank], others):
+                candidates = [s for s in seqs if s not in taken][:scan]
+                taken.update(set(candidates) - set(fill.take_all(candidates, cap=level)))
 
     def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
         """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates``
