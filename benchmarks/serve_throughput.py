@@ -62,7 +62,7 @@ def offline_rank(args) -> None:
     settings = RankSettings(model=args.model, ranks=world, backend=args.backend, transport=args.transport, dtype="bfloat16")
     model = _load(vars(settings) | {"prefetch": 1}, torch.device("cpu"))
     vocab = model.get_output_embeddings().weight.shape[0]
-    warm_up(model, torch.device("cpu"), vocab)
+    warm_up(model, torch.device("cpu"), vocab, args.max_tokens_per_rank)  # as a serving rank does
     label_ids = args.label_ids
     scheduler = FifoScheduler(world, args.max_tokens_per_rank)
     scheduler.add([Sequence(ids, {"tokens": label_ids}, None) for ids in requests(args.requests, args.length, vocab)])

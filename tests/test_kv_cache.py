@@ -171,6 +171,27 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint):
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 
 
+def test_warm_up_compiles_the_largest_step_so_serving_never_recompiles(checkpoint):
+    """Inductor guards its stable sort of the MoE routing on tokens x top_k < 32,767: the first step past
+    it recompiles. Warm-up with the front end's largest step compiles that graph before serving."""
+    from torch._dynamo.utils import counters
+
+    from zp_compile.server.worker import warm_up
+
+    model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs
+    top_k = model.config.num_experts_per_tok
+    max_tokens = -(-32767 // top_k // 256) * 256  # past the guard, in 256-token rows
+    counters.clear()
+    warm_up(model, CPU, 256)
+    small = counters["stats"]["unique_graphs"]
+    warm_up(model, CPU, 256, max_tokens)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled == small + 1  # the largest step needed a graph of its own
+    rows = max_tokens // 128
+    score(model, [{"ids": prompt(90 + i, 128), "top": 1} for i in range(rows)], 0, CPU)  # a full step, other shape
+    assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
+
+
 def test_mixed_reuse_batch_under_inductor(checkpoint):
     """The cached graphs (B > 1 with P = 0, then P > 0) compile with Inductor and give the same logits."""
     model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs

@@ -218,7 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
     rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
                                  transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,
                                  measure_threshold=args.policy != "fifo" and args.threshold_flops is None,
-                                 cache_tokens=args.cache_tokens)  # fmt: skip
+                                 cache_tokens=args.cache_tokens, max_tokens=args.max_tokens_per_rank)  # fmt: skip
     ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
                   start_timeout=args.start_timeout, step_timeout=args.step_timeout,
                   heartbeat_timeout=args.heartbeat_timeout)  # fmt: skip

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
-from .worker import batch_inputs, score
+from .worker import batch_inputs, largest_step, score
 
 
 class CacheViewMismatch(RuntimeError):
@@ -188,10 +188,11 @@ class RankKVCache:
         self._checked = type(model)
 
 
-def warm_up(model, device: torch.device, vocab: int) -> None:
+def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
     """Compile the cached path's graphs before serving: batch 1 and > 1, with P = 0 and P > 0 (dynamo
-    specialises sizes 0 and 1). Uses a scratch cache, so the serving cache starts empty as the front
-    end's view does. Every rank runs the same batches: the same gathers in the same order."""
+    specialises sizes 0 and 1), and with ``max_tokens`` new tokens (``worker.warm_up``). Uses a scratch
+    cache, so the serving cache starts empty as the front end's view does. Every rank runs the same
+    batches: the same gathers in the same order."""
     ids = torch.arange(3, 3 + 3 * BLOCK).remainder(vocab).tolist()
     other = torch.arange(7, 7 + 3 * BLOCK).remainder(vocab).tolist()
     scratch = RankKVCache(8 * BLOCK)
@@ -199,3 +200,6 @@ def warm_up(model, device: torch.device, vocab: int) -> None:
     # symbol (duck sizing), and a graph traced with P == S would be recompiled for the first P != S.
     for rows in ([ids, ids[:-5]], [other], [ids[:40]], [ids, other]):
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
+    for rows in largest_step(model, max_tokens, vocab, spare=32):  # P = 0, then P = 32: the first step cached r[:32]
+        score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
+        score(model, [{"ids": r[:32] + r, "top": 1} for r in rows], 0, device, scratch)

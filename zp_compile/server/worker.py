@@ -137,11 +137,30 @@ def _load(settings: dict, device: torch.device):
     ).to(device)
 
 
-def warm_up(model, device: torch.device, vocab: int) -> None:
-    """Compile before serving: batch 1 and batch > 1 are separate graphs (dynamo specialises size 1)."""
+def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
+    """Compile before serving: batch 1 and batch > 1 are separate graphs (dynamo specialises size 1).
+
+    ``max_tokens``: also run a step of that many tokens (the front end's largest). Inductor guards some
+    lowerings on the token count: its stable sort of the MoE routing (tokens x top_k) takes another
+    path from 32,767 elements on, so the first step of 8,192 tokens x top-4 would otherwise recompile
+    while serving (~20 s on a CPU for the 82M benchmark model, inside a request's latency)."""
     ids = torch.arange(3, 3 + 2 * PAD_MULTIPLE).remainder(vocab).tolist()
     for rows in ([ids, ids[:-5]], [ids]):
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device)
+    for rows in largest_step(model, max_tokens, vocab):
+        score(model, [{"ids": r, "top": 1} for r in rows], 0, device)
+
+
+def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[list[int]]]:
+    """One batch of ``max_tokens`` tokens for warm-up (none under 2 rows): rows of up to 256 tokens that
+    leave ``spare`` of the model's positions free, so B > 1 as in the serving graph."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 256
+    width = min(256, (positions - spare) // PAD_MULTIPLE * PAD_MULTIPLE)
+    rows = max_tokens // width if width > 0 else 0
+    if rows < 2:
+        return []
+    ids = torch.arange(5, 5 + width).remainder(vocab).tolist()
+    return [[ids] * rows]
 
 
 def serve(address: str) -> None:
@@ -170,9 +189,9 @@ def serve(address: str) -> None:
         # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
         kv = kv_cache.RankKVCache(settings.get("cache_tokens") or 0)
         if kv.enabled:
-            kv_cache.warm_up(model, device, vocab)  # the cached path's graphs (the plain ones go unused)
+            kv_cache.warm_up(model, device, vocab, settings.get("max_tokens") or 0)  # the cached path's graphs (the plain ones go unused)
         else:
-            warm_up(model, device, vocab)
+            warm_up(model, device, vocab, settings.get("max_tokens") or 0)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device)}
         if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
             from dataclasses import asdict
