@@ -399,6 +399,8 @@ class ThresholdScheduler:
         level = max(f.padded_flops for f in fills)
         taken: set[Sequence] = set()
         for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
+            if fill.padded_flops >= level:
+                continue  # the busiest rank: any row would raise the level
             others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
             for seqs in (left[fill.rank], others):
                 candidates = [s for s in seqs if s not in taken][:scan]
