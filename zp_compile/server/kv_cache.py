@@ -200,6 +200,6 @@ def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> Non
     # symbol (duck sizing), and a graph traced with P == S would be recompiled for the first P != S.
     for rows in ([ids, ids[:-5]], [other], [ids[:40]], [ids, other]):
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
-    for rows in largest_step(model, max_tokens, vocab, spare=32):  # P = 0, then P = 32: the first step cached r[:32]
+    if rows := largest_step(model, max_tokens, vocab, spare=32):  # P = 0, then P = 32: the first step cached r[:32]
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
         score(model, [{"ids": r[:32] + r, "top": 1} for r in rows], 0, device, scratch)

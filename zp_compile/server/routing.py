@@ -220,7 +220,7 @@ class _Fill:
         """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``widen=False``:
         only if it fits the batch's shape so far (no wider suffix, no longer past). ``cap``: instead of
         stopping at T, only while the padded FLOPs stay within ``cap``."""
-        if self.full if cap is None else len(self.batch) >= self.sched.settings.max_seqs:
+        if (cap is None and self.full) or len(self.batch) >= self.sched.settings.max_seqs:
             return False
         n = len(s.ids)
         limit = cacheable_blocks(n)

@@ -147,20 +147,17 @@ def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> Non
     ids = torch.arange(3, 3 + 2 * PAD_MULTIPLE).remainder(vocab).tolist()
     for rows in ([ids, ids[:-5]], [ids]):
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device)
-    for rows in largest_step(model, max_tokens, vocab):
+    if rows := largest_step(model, max_tokens, vocab):
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device)
 
 
-def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[list[int]]]:
-    """One batch of ``max_tokens`` tokens for warm-up (none under 2 rows): rows of up to 256 tokens that
-    leave ``spare`` of the model's positions free, so B > 1 as in the serving graph."""
+def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[int]]:
+    """The rows of a warm-up step of ``max_tokens`` tokens (none under 2 rows, so B > 1 as in the
+    serving graph): rows of up to 256 tokens that leave ``spare`` of the model's positions free."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 256
     width = min(256, (positions - spare) // PAD_MULTIPLE * PAD_MULTIPLE)
     rows = max_tokens // width if width > 0 else 0
-    if rows < 2:
-        return []
-    ids = torch.arange(5, 5 + width).remainder(vocab).tolist()
-    return [[ids] * rows]
+    return [torch.arange(5, 5 + width).remainder(vocab).tolist()] * rows if rows >= 2 else []
 
 
 def serve(address: str) -> None:
