@@ -57,6 +57,7 @@ PROMPTS = ["Is the sky blue? Answer:", "The film was boring, too long and badly 
 
 
 def test_answers_equal_the_offline_optimized_model(server, offline):
+    assert "shm transport" in server.output()  # --transport auto: both ranks are CPU processes on this host
     tok = offline.tokenizer
     label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LABELS]
     # /v1/completions: top-5 log-probabilities and the greedy token, for each prompt (batched together)
@@ -329,6 +330,17 @@ def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
         assert srv.client.post("/classify", json={"input": "after"}).status_code == 200
 
 
+def test_auto_transport_is_shared_memory_only_for_cpu_ranks_on_one_host():
+    from zp_compile.server.worker import resolve_transport
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_transport("auto", cpu, world=4, local=4) == "shm"
+    assert resolve_transport("auto", cpu, world=4, local=2) == "collective"  # two hosts
+    assert resolve_transport("auto", gpu, world=2, local=2) == "collective"
+    assert resolve_transport("shm", cpu, world=4, local=2) == "shm"  # a user's choice is kept (its setup then checks it)
+    assert resolve_transport("collective", cpu, world=2, local=2) == "collective"
+
+
 def test_serve_refuses_bad_settings_before_starting_ranks(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for flag, value, message in [("--heartbeat-timeout", "0", "--heartbeat-timeout must be > 0"),
@@ -366,7 +378,8 @@ def _load_under_way(srv: Server, bodies) -> tuple[threading.Thread, dict]:
 
 
 def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
-    args = ["--backend", "eager", "--labels", *LABELS, "--on-worker-failure", "restart", "--step-timeout", "60"]
+    # Collectives: a hung rank leaves its peer waiting inside an all-gather, the case timeouts must catch.
+    args = ["--backend", "eager", "--labels", *LABELS, "--transport", "collective", "--on-worker-failure", "restart", "--step-timeout", "60"]
     bodies = [("/classify", {"input": [f"text {i} " * 40] * 4}) for i in range(120)]
     with Server(slow_checkpoint, *args) as srv:
         for fault in (signal.SIGKILL, signal.SIGSTOP):
@@ -387,6 +400,8 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
             _, alive = psutil.wait_procs(old, timeout=30)
             assert not alive, f"ranks of the failed generation still alive after {signal.Signals(fault).name}"
             assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
+            if fault == signal.SIGSTOP:  # the peer, stuck in a collective, wrote its stack before it was killed
+                assert "most recent call first" in srv.output() and "gather" in srv.output(), srv.output()[-3000:]
         assert srv.metric("zp_worker_failures_total") == 2
         # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
         load, out = _load_under_way(srv, bodies)
@@ -437,7 +452,8 @@ def test_threshold_admission_and_prefix_reuse_answer_like_the_offline_model(chec
 def test_ranks_exit_when_the_front_end_is_killed(checkpoint):
     import psutil
 
-    with Server(checkpoint, "--backend", "eager", "--labels", *LABELS) as srv:
+    # Collectives: the ranks' main threads may be blocked in an all-gather when the front end dies.
+    with Server(checkpoint, "--backend", "eager", "--labels", *LABELS, "--transport", "collective") as srv:
         ranks = srv.ranks()
         assert len(ranks) == 2
         srv.proc.kill()  # SIGKILL: no drain, no goodbye to the ranks

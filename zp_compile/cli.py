@@ -139,7 +139,9 @@ def _add_serve(sub) -> None:
                    "(default for the built-in model: ' yes' ' no')")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
-    p.add_argument("--transport", default="collective", choices=["collective", "shm"], help="shm: ranks on one host (fastest on CPU)")
+    p.add_argument("--transport", default="auto", choices=["auto", "collective", "shm"],
+                   help="how ranks gather expert weights: shm (shared memory; ranks on one host, fastest on CPU) or "
+                   "collective (all-gathers: NCCL, gloo); auto (default): shm when every rank is a CPU process on one host")  # fmt: skip
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")

@@ -117,7 +117,8 @@ class ServerState:
         self.threshold = info[0].get("threshold")
         self.scheduler = self.new_scheduler()  # a fresh one after a restart: the ranks' caches are gone
         self.status, self.detail = "ready", f"{len(info)} ranks ready"
-        log.info("zp-compile: %d ranks ready (generation %d); serving %s", len(info), self.ranks.generation, self.settings.model_name)
+        log.info("zp-compile: %d ranks ready (generation %d, %s transport); serving %s", len(info), self.ranks.generation,
+                 info[0].get("transport"), self.settings.model_name)  # fmt: skip
 
     def new_scheduler(self) -> Scheduler:
         s, n = self.settings, self.ranks.settings.ranks

@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 _POLL_S = 0.002  # result polling: a non-blocking store check every 2 ms costs ~0.1 ms of one core
+_DUMP_S = 0.5  # how long a rank gets to write its stacks before it is killed
 _CHECK_S = 0.25  # liveness checks (errors, torchrun, heartbeats, timeout) during a step
 
 
@@ -39,7 +40,7 @@ class RankSettings:
     ranks: int
     backend: str = "inductor"
     prefetch: int = 1
-    transport: str = "collective"
+    transport: str = "auto"  # worker.resolve_transport
     dtype: str | None = None
     threads: int | None = None
     measure_threshold: bool = False  # ranks measure T at start-up (threshold.saturation_threshold)
@@ -173,8 +174,17 @@ class Ranks:
         if self.proc is None:
             return
         keys = [f"{self.prefix}/pid/{r}" for r in range(self.settings.ranks)]
-        pids = [self.proc.pid] + [int(self.store.get(k)) for k in keys if self.store.check([k])]
-        for pid in pids:
+        ranks = [int(self.store.get(k)) for k in keys if self.store.check([k])]
+        # First each rank's Python stacks to the log (worker.main registers the signal with faulthandler):
+        # where a hung rank waited is the one clue a timeout leaves. A stopped rank dumps nothing.
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if ranks:
+            time.sleep(_DUMP_S)
+        for pid in [self.proc.pid] + ranks:
             try:
                 os.killpg(pid, signal.SIGKILL) if pid == self.proc.pid else os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -23,6 +23,7 @@ import argparse
 import faulthandler
 import json
 import os
+import signal
 import threading
 import time
 import traceback
@@ -122,7 +123,16 @@ def _heartbeat(address: str, key: str) -> None:
         time.sleep(0.5)
 
 
-def _load(settings: dict, device: torch.device):
+def resolve_transport(requested: str, device: torch.device, world: int, local: int) -> str:
+    """``auto``: shared memory when every rank is a CPU process on one host (``local`` ranks on this
+    host == ``world``), else collectives. Every rank decides alike without asking the others: torchrun
+    gives all the same world size, local == world on one host only, and a GPU world is all NCCL."""
+    if requested != "auto":
+        return requested
+    return "shm" if device.type == "cpu" and local == world else "collective"
+
+
+def _load(settings: dict, device: torch.device, transport: str):
     import zp_compile
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
@@ -131,7 +141,7 @@ def _load(settings: dict, device: torch.device):
         dtype=dtype,
         prefetch=settings["prefetch"],
         backend=settings["backend"],
-        transport=settings["transport"],
+        transport=transport,
         # One compile for every batch shape: the warm-up below pays it before the rank reports ready.
         dynamic=True,
     ).to(device)
@@ -181,7 +191,7 @@ def serve(address: str) -> None:
             device = torch.device("cpu")
             torch.set_num_threads(settings.get("threads") or max(1, (os.cpu_count() or 1) // local))
         threading.Thread(target=_heartbeat, args=(address, f"{prefix}/beat/{rank}"), daemon=True).start()
-        model = _load(settings, device)
+        model = _load(settings, device, resolve_transport(settings.get("transport", "auto"), device, world, local))
         vocab = model.get_output_embeddings().weight.shape[0]
         # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
         kv = kv_cache.RankKVCache(settings.get("cache_tokens") or 0)
@@ -189,7 +199,8 @@ def serve(address: str) -> None:
             kv_cache.warm_up(model, device, vocab, settings.get("max_tokens") or 0)  # the cached path's graphs (the plain ones go unused)
         else:
             warm_up(model, device, vocab, settings.get("max_tokens") or 0)
-        info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device)}
+        info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device),
+                "transport": model.zero_prefill.config.transport}  # fmt: skip
         if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
             from dataclasses import asdict
 
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frontend", required=True, help="HOST:PORT of the front end's worker port")
     # A crash in native code (a kernel, a transport) then leaves every thread's Python stack in the log.
     faulthandler.enable()
+    # And on SIGUSR1 (sent before the front end kills a hung rank): every thread's stack, then run on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     serve(parser.parse_args(argv).frontend)
 
 
