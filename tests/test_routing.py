@@ -283,22 +283,59 @@ def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_padded_flops():
 def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():
     clock = Clock()
     T = flops_per_request(TOY, 100)
+    settings = RouterSettings(T, max_tokens=512, max_wait_ms=10.0, cache_tokens=4096)
+    sched = ThresholdScheduler(2, TOY, settings, clock)
+    sched.policy = lambda views, n_tokens: 0  # every sequence routed to rank 0
+    seqs = [seq(blocks(2, start=100 * i) + [i] * 20) for i in range(12)]  # 52 tokens each, nothing shared
+    sched.add(seqs)
+    batches = sched.next_step()
+    # Rank 0 fills to T in arrival order; rank 1 takes the oldest of the rest (each costs it what it
+    # would cost rank 0) to T as well.
+    n0 = len(batches[0])
+    assert batches[0] == seqs[:n0] and batches[1] == seqs[n0 : n0 + len(batches[1])]
+    assert min(sched.last_step.flops) >= T
+
+
+def test_an_idle_rank_leaves_a_neighbours_hits_where_their_prefix_is():
+    """Taking them would make it compute their shared prefix again (here 4x what each costs at home):
+    hit rate lost, and its cache filled, for a step that is no shorter (the busy rank sets it)."""
+    clock = Clock()
+    T = flops_per_request(TOY, 100)
     settings = RouterSettings(T, max_tokens=512, max_wait_ms=10.0, cache_tokens=4096, balance_bound=1e9)
     sched = ThresholdScheduler(2, TOY, settings, clock)
     prefix = blocks(4)
     seqs = [seq(prefix + [i] * 20) for i in range(12)]
     sched.add(seqs)
     assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
-    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later); idle
-    # rank 1 takes the oldest of them, and defers the rest for the same reason.
-    assert sched.next_step() == [[seqs[0]], [seqs[1]]]
+    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later).
+    assert sched.next_step() == [[seqs[0]], []]
     assert sched.last_step.below_threshold and sched.last_step.cached_tokens == [0, 0]
-    # Step 2: both ranks hold the prefix; rank 0 fills to T from its queue, rank 1 takes the oldest of
-    # what is left over, and every sequence reuses the prefix.
-    batches = sched.next_step()
-    assert batches[0] == seqs[2 : 2 + len(batches[0])] and batches[1] == seqs[2 + len(batches[0]) : 2 + len(batches[0]) + len(batches[1])]
-    assert batches[1] and min(sched.last_step.flops) >= T
-    assert all(s.cached_tokens == 64 for b in batches for s in b)
+    # Then rank 0 runs them all, in arrival order, each reusing the prefix; rank 1 never computes it.
+    done = []
+    while sched.waiting():
+        clock.t += 1.0  # past max_wait_ms: the last step under T is not held back
+        batches = sched.next_step()
+        assert batches[1] == [] and all(s.cached_tokens == 64 for s in batches[0])
+        done += batches[0]
+    assert done == seqs[1:]
+
+
+def test_hits_behind_a_lone_miss_run_first_and_the_miss_leads_the_next_step():
+    """A miss at the head whose batch no hit may join (each would attend over the miss's width) stays
+    under T, while the hits behind it would fill T: they run, and the miss, passed over once, leads the
+    next batch even though the hits still queued would make a larger one."""
+    clock = Clock()
+    T = 40 * flops_per_request(TOY, 16, 256)
+    sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=8192), clock)
+    prefix = blocks(16)
+    sched.add([seq(prefix + [1])])
+    sched.next_step()  # the prefix is cached
+    miss = seq(blocks(16, start=5000) + [2])  # 257 new tokens: 0.21 T
+    hits = [seq(prefix + [3 + i] * 16) for i in range(60)]  # 16 new tokens each over the cached 256
+    sched.add([miss] + hits)
+    assert sched.next_step() == [hits[:40]] and sched.last_step.flops[0] >= T
+    assert sched.next_step() == [[miss]]  # alone: no hit may join it, and it is not passed over twice
+    assert sched.next_step() == [hits[40:]]
 
 
 def test_a_step_under_T_is_evened_out_across_the_ranks():

@@ -189,6 +189,11 @@ class StepInfo:
 # 64-token hit must not make four 1,088-token misses attend over its 1,024-token past (the batch as a
 # whole would still pass min_efficiency, yet its step would take ~1.7x as long).
 _MIN_MARGINAL = 0.1
+# Balancing, evening out and topping up move a sequence to another rank only if it costs that rank at
+# most twice what it costs where it was routed: a 64-token hit moved as a 1,088-token miss takes 17x
+# the compute, evicts cached blocks there, and shortens no step (in a 16 x 16 shared-prefix burst such
+# moves computed 6 prefixes a second time).
+_MAX_MOVE_COST = 2.0
 _EPS_S = 1e-9  # clock slack: a replay's "now + wake_in()" may land one rounding short of the deadline
 
 
@@ -291,10 +296,17 @@ class ThresholdScheduler:
        - its rows' own cost (one by one) would fall under ``min_efficiency`` x what the rank computes
          for the batch (every row as wide as the widest suffix, attending over the longest past), or
          it alone would add more than 10x its own cost to that.
+       If the head's batch stays under T while the hits passed over (rows reusing a prefix the rank
+       holds) would make a larger batch, those run instead; the head leads the rank's next batch (it is
+       passed over once). A lone miss at the head, which no hit may join, would otherwise cost the rank
+       a step's worth of hits.
     2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
        other ranks (those their own rank could not run this step), skipping any that do not fit, until
        it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
-       takes work its own rank would have left for a later step, so it never delays that rank.
+       takes work its own rank would have left for a later step, so it never delays that rank. Moves
+       here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
+       where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a miss that computes its
+       shared prefix again, which costs hit rate and cache space for little time.
     3. Hold: if the busiest rank is under T, nothing is left over and the oldest waiting sequence has
        waited less than max_wait_ms, every batch is returned empty and ``wake_in`` says when to ask again.
     4. Evening out: while moving one of the busiest rank's youngest sequences to the least-loaded rank
@@ -328,6 +340,7 @@ class ThresholdScheduler:
         self._running_flops = [0.0] * ranks
         self._running_tokens = [0] * ranks
         self._held_until: float | None = None
+        self._passed: set[Sequence] = set()  # queue heads passed over once by _own_batch
         self.last_step: StepInfo | None = None
 
     def _flops(self, new: int, cached: int) -> float:
@@ -371,12 +384,15 @@ class ThresholdScheduler:
         self._held_until, self.last_step = None, None
         if not self._since:
             return [[] for _ in range(R)]
-        fills = [_Fill(self, r) for r in range(R)]
-        left = [fill.take_all(list(queue)) for fill, queue in zip(fills, self._queues)]
+        fills, left = [], []
+        for r in range(R):
+            fill, rest = self._own_batch(r)
+            fills.append(fill)
+            left.append(rest)
         for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
             if fill.full:
                 continue
-            others = sorted((s for r in range(R) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
+            others = sorted((s for r in range(R) if r != fill.rank for s in left[r] if self._cheap_on(s, fill)), key=self._since.__getitem__)
             for s in others:
                 if fill.full:
                     break
@@ -390,6 +406,33 @@ class ThresholdScheduler:
         self._top_up(fills, left)
         return self._commit(fills)
 
+    def _own_batch(self, r: int) -> tuple[_Fill, list[Sequence]]:
+        """Rank r's batch from its own queue (step 1) and the sequences it passed over. If the head's
+        batch stays under T while the hits it passed over (rows reusing a cached prefix: they compute
+        no new prefix, so they evict nothing hot) would make a larger one, that runs instead, once: a
+        head passed over this way leads the rank's next batch."""
+        queue = list(self._queues[r])
+        fill = _Fill(self, r)
+        rest = fill.take_all(queue)
+        head = queue[0] if queue else None
+        if fill.full or head in self._passed or not rest:
+            return fill, rest
+        hits = [s for s in rest if fill.cache.match(s.block_hashes, cacheable_blocks(len(s.ids)))]
+        other = _Fill(self, r)
+        other.take_all(hits)
+        if other.flops <= fill.flops:
+            return fill, rest
+        self._passed.add(head)
+        taken = set(other.batch)
+        return other, [s for s in queue if s not in taken]
+
+    def _cheap_on(self, s: Sequence, fill: _Fill) -> bool:
+        """Whether ``s`` costs ``fill``'s rank at most twice what it was to cost on its own rank (the
+        estimate at routing, which counts the blocks queued there)."""
+        n = len(s.ids)
+        hit = fill.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
+        return self._flops(n - hit, hit) <= _MAX_MOVE_COST * self._estimate[s][0]
+
     def _top_up(self, fills: list[_Fill], left: list[list[Sequence]], scan: int = 512) -> None:
         """Step 5 of ``ThresholdScheduler``: the busiest rank sets the step's time, so every other rank
         takes more work while its padded FLOPs stay within the busiest rank's: its own passed-over
@@ -401,7 +444,7 @@ class ThresholdScheduler:
         for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
             if fill.padded_flops >= level:
                 continue  # the busiest rank: any row would raise the level
-            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
+            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r] if self._cheap_on(s, fill)), key=self._since.__getitem__)
             for seqs in (left[fill.rank], others):
                 candidates = [s for s in seqs if s not in taken][:scan]
                 taken.update(set(candidates) - set(fill.take_all(candidates, cap=level)))
@@ -416,7 +459,8 @@ class ThresholdScheduler:
             for s, here in list(zip(busiest.batch, busiest.seq_flops))[::-1][:candidates]:
                 n = len(s.ids)
                 hit = least.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
-                if max(busiest.flops - here, least.flops + self._flops(n - hit, hit)) >= busiest.flops:
+                there = self._flops(n - hit, hit)
+                if there > _MAX_MOVE_COST * here or max(busiest.flops - here, least.flops + there) >= busiest.flops:
                     continue
                 rest = busiest.without(s)
                 if rest is not None and least.take(s):
@@ -468,6 +512,7 @@ class ThresholdScheduler:
     def _dequeue(self, s: Sequence) -> None:
         r = s.rank
         del self._queues[r][s], self._since[s]
+        self._passed.discard(s)
         flops, tokens = self._estimate.pop(s)
         self._queued_flops[r] -= flops
         self._queued_tokens[r] -= tokens
