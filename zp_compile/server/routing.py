@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from ..planner import ModelSpec, flops_per_request
 from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
@@ -392,11 +393,11 @@ class ThresholdScheduler:
         for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
             if fill.full:
                 continue
-            others = sorted((s for r in range(R) if r != fill.rank for s in left[r] if self._cheap_on(s, fill)), key=self._since.__getitem__)
+            others = sorted((s for r in range(R) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
             for s in others:
                 if fill.full:
                     break
-                if fill.take(s):
+                if self._cheap_on(s, fill) and fill.take(s):
                     left[s.rank].remove(s)
         oldest = min(self._since[next(iter(q))] for q in self._queues if q)  # queues are in arrival order
         if max(f.flops for f in fills) < T and not any(left) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
@@ -444,9 +445,9 @@ class ThresholdScheduler:
         for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
             if fill.padded_flops >= level:
                 continue  # the busiest rank: any row would raise the level
-            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r] if self._cheap_on(s, fill)), key=self._since.__getitem__)
-            for seqs in (left[fill.rank], others):
-                candidates = [s for s in seqs if s not in taken][:scan]
+            others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
+            for seqs, own in ((left[fill.rank], True), (others, False)):
+                candidates = list(islice((s for s in seqs if s not in taken and (own or self._cheap_on(s, fill))), scan))
                 taken.update(set(candidates) - set(fill.take_all(candidates, cap=level)))
 
     def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
