@@ -193,7 +193,7 @@ _MIN_MARGINAL = 0.1
 # Balancing, evening out and topping up move a sequence to another rank only if it costs that rank at
 # most twice what it costs where it was routed: a 64-token hit moved as a 1,088-token miss takes 17x
 # the compute, evicts cached blocks there, and shortens no step (in a 16 x 16 shared-prefix burst such
-# moves computed 6 prefixes a second time).
+# moves computed 5 prefixes a second time).
 _MAX_MOVE_COST = 2.0
 _EPS_S = 1e-9  # clock slack: a replay's "now + wake_in()" may land one rounding short of the deadline
 
