@@ -214,6 +214,26 @@ def test_light_load_holds_a_lone_request_for_max_wait_then_runs_it():
     assert sched.last_step.below_threshold and sched.wake_in() is None
 
 
+def test_a_step_under_T_is_held_even_with_sequences_left_over_unless_a_budget_is_full():
+    """A burst's first arrivals: one computes a prefix that the others wait to reuse. Running it at
+    once would make a step of one sequence while the rest of the burst is still arriving; it is held
+    (max_wait_ms). A rank full by its token budget cannot take more: that step runs at once."""
+    clock = Clock()
+    T = flops_per_request(TOY, 1000)
+    sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=256, max_wait_ms=50.0, cache_tokens=1024), clock)
+    prefix = blocks(4)
+    first, second = seq(prefix + [1]), seq(prefix + [2])
+    sched.add([first, second])
+    assert sched.next_step() == [[]] and sched.wake_in() == pytest.approx(0.050)  # `second` waits on `first`'s blocks
+    clock.t = 0.050
+    assert sched.next_step() == [[first]]
+    clock.t = 1.0
+    assert sched.next_step() == [[second]]
+    wide = [seq(blocks(9, start=1000 + 200 * i)) for i in range(2)]  # 144 tokens each: one per 256-token step
+    sched.add(wide)
+    assert sched.next_step() == [[wide[0]]] and sched.last_step.below_threshold  # not held: the budget is full
+
+
 def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
     rng = random.Random(0)
     clock = Clock()
@@ -307,7 +327,10 @@ def test_an_idle_rank_leaves_a_neighbours_hits_where_their_prefix_is():
     seqs = [seq(prefix + [i] * 20) for i in range(12)]
     sched.add(seqs)
     assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
-    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later).
+    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later). Under
+    # T, the step is first held back for more work (max_wait_ms).
+    assert sched.next_step() == [[], []] and sched.wake_in() == pytest.approx(0.01)
+    clock.t += 0.01
     assert sched.next_step() == [[seqs[0]], []]
     assert sched.last_step.below_threshold and sched.last_step.cached_tokens == [0, 0]
     # Then rank 0 runs them all, in arrival order, each reusing the prefix; rank 1 never computes it.

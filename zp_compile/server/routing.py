@@ -11,8 +11,8 @@ the saturation threshold T (the paper's front end, NOTES.md).
   order until its step's FLOPs reach T, within its padded-token and sequence budgets (passing over a
   sequence whose prefix a batch-mate computes, or that would make the batch mostly padding); a rank still
   under T then takes the oldest sequences other ranks cannot run this step; while even the busiest
-  rank is under T and nothing is left over, the step is held back, for at most ``max_wait_ms`` after
-  the oldest waiting sequence arrived.
+  rank is under T and no rank's budget is full, the step is held back, for at most ``max_wait_ms``
+  after the oldest waiting sequence arrived.
 - The front end's view of every rank's prefix cache (``prefix.PrefixCache``) is updated when a step is
   scheduled; the contract the rank-side cache must follow for the view to be exact is in
   ``zp_compile/server/prefix.py``.
@@ -308,8 +308,12 @@ class ThresholdScheduler:
        here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
        where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a miss that computes its
        shared prefix again, which costs hit rate and cache space for little time.
-    3. Hold: if the busiest rank is under T, nothing is left over and the oldest waiting sequence has
-       waited less than max_wait_ms, every batch is returned empty and ``wake_in`` says when to ask again.
+    3. Hold: if the busiest rank is under T, no rank is full by its token or sequence budget and the
+       oldest waiting sequence has waited less than max_wait_ms, every batch is returned empty and
+       ``wake_in`` says when to ask again. Sequences left over for other reasons (a batch-mate computes
+       their prefix, another shape) do not cancel the hold: at the start of a burst, the first arrival
+       would otherwise run alone while the rest of the burst is still arriving, its group's later
+       prompts waiting on its prefix.
     4. Evening out: while moving one of the busiest rank's youngest sequences to the least-loaded rank
        lowers the step's largest FLOPs (counting what it reuses where it lands, and only if both batches
        still pass the checks of 1), it is moved. This trims the steps whose work fits under T on one
@@ -400,7 +404,7 @@ class ThresholdScheduler:
                 if self._cheap_on(s, fill) and fill.take(s):
                     left[s.rank].remove(s)
         oldest = min(self._since[next(iter(q))] for q in self._queues if q)  # queues are in arrival order
-        if max(f.flops for f in fills) < T and not any(left) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
+        if max(f.flops for f in fills) < T and not any(f.full for f in fills) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
             self._held_until = oldest + self.settings.max_wait_ms / 1e3
             return [[] for _ in range(R)]
         self._even_out(fills)
