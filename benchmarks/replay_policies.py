@@ -16,8 +16,9 @@ core of this project's CPU: NOTES.md's 3,567 tok/s on 2 ranks x ~29 MFLOP per to
 Traces (token ids random; shared prefixes share exact ids):
 - shared: 16 groups x 32 prompts, a 1,024-token prefix per group + a 64-token question, shuffled;
 - random: 512 prompts of 1,088 random tokens (``zp_compile.workloads.random_prompts``), no sharing.
-Arrivals: ``burst`` (all at t=0: capacity) and ``poisson`` at ``--load`` x the rate the ranks could
-sustain with ideal reuse (each group's prefix computed once, gathers hidden): latency at a given rate.
+Arrivals: ``burst`` (all at t=0: capacity), ``spread`` (a burst as a server receives it: one request
+every ``--spread-ms``, in trace order) and ``poisson`` at ``--load`` x the rate the ranks could sustain
+with ideal reuse (each group's prefix computed once, gathers hidden): latency at a given rate.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--load", type=float, default=0.5, help="poisson arrivals: share of the ideal sustainable rate")
     ap.add_argument("--no-gather-floor", action="store_true")
+    ap.add_argument("--spread-ms", type=float, default=1.0, help="spread arrivals: ms between two requests")
     args = ap.parse_args()
 
     T = args.threshold_tokens / 1024 * flops_per_request(SPEC, 1024)
@@ -93,7 +95,9 @@ def main() -> None:
             for _ in prompts:
                 t += rng.expovariate(rate)
                 poisson.append(t)
-            for arrivals, times in (("burst", [0.0] * len(prompts)), (f"poisson {rate:.1f}/s", poisson)):
+            spread = [i * args.spread_ms / 1e3 for i in range(len(prompts))]
+            for arrivals, times in (("burst", [0.0] * len(prompts)), (f"spread {args.spread_ms:g} ms", spread),
+                                    (f"poisson {rate:.1f}/s", poisson)):  # fmt: skip
                 for policy in POLICIES:
                     settings = RouterSettings(T, max_tokens=args.max_tokens, max_wait_ms=args.max_wait_ms,
                                               cache_tokens=args.cache_tokens, policy=policy)  # fmt: skip
