@@ -132,7 +132,7 @@ def resolve_transport(requested: str, device: torch.device, world: int, local: i
     return "shm" if device.type == "cpu" and local == world else "collective"
 
 
-def _load(settings: dict, device: torch.device, transport: str):
+def _load(settings: dict, device: torch.device):
     import zp_compile
 
     dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
@@ -141,7 +141,7 @@ def _load(settings: dict, device: torch.device, transport: str):
         dtype=dtype,
         prefetch=settings["prefetch"],
         backend=settings["backend"],
-        transport=transport,
+        transport=settings["transport"],
         # One compile for every batch shape: the warm-up below pays it before the rank reports ready.
         dynamic=True,
     ).to(device)
@@ -191,16 +191,18 @@ def serve(address: str) -> None:
             device = torch.device("cpu")
             torch.set_num_threads(settings.get("threads") or max(1, (os.cpu_count() or 1) // local))
         threading.Thread(target=_heartbeat, args=(address, f"{prefix}/beat/{rank}"), daemon=True).start()
-        model = _load(settings, device, resolve_transport(settings.get("transport", "auto"), device, world, local))
+        settings["transport"] = resolve_transport(settings.get("transport", "auto"), device, world, local)
+        model = _load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
         # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
         kv = kv_cache.RankKVCache(settings.get("cache_tokens") or 0)
+        max_tokens = settings.get("max_tokens") or 0
         if kv.enabled:
-            kv_cache.warm_up(model, device, vocab, settings.get("max_tokens") or 0)  # the cached path's graphs (the plain ones go unused)
+            kv_cache.warm_up(model, device, vocab, max_tokens)  # the cached path's graphs (the plain ones go unused)
         else:
-            warm_up(model, device, vocab, settings.get("max_tokens") or 0)
+            warm_up(model, device, vocab, max_tokens)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device),
-                "transport": model.zero_prefill.config.transport}  # fmt: skip
+                "transport": settings["transport"]}  # fmt: skip
         if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
             from dataclasses import asdict
 
