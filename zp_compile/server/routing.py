@@ -431,12 +431,16 @@ class ThresholdScheduler:
         taken = set(other.batch)
         return other, [s for s in queue if s not in taken]
 
+    def _cost_on(self, s: Sequence, fill: _Fill) -> float:
+        """``s``'s FLOPs on ``fill``'s rank: its tokens after the prefix that rank's cache holds."""
+        n = len(s.ids)
+        hit = fill.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
+        return self._flops(n - hit, hit)
+
     def _cheap_on(self, s: Sequence, fill: _Fill) -> bool:
         """Whether ``s`` costs ``fill``'s rank at most twice what it was to cost on its own rank (the
         estimate at routing, which counts the blocks queued there)."""
-        n = len(s.ids)
-        hit = fill.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
-        return self._flops(n - hit, hit) <= _MAX_MOVE_COST * self._estimate[s][0]
+        return self._cost_on(s, fill) <= _MAX_MOVE_COST * self._estimate[s][0]
 
     def _top_up(self, fills: list[_Fill], left: list[list[Sequence]], scan: int = 512) -> None:
         """Step 5 of ``ThresholdScheduler``: the busiest rank sets the step's time, so every other rank
@@ -462,9 +466,7 @@ class ThresholdScheduler:
             busiest = max(fills, key=lambda f: (f.flops, -f.rank))
             least = min(fills, key=lambda f: (f.flops, f.rank))
             for s, here in list(zip(busiest.batch, busiest.seq_flops))[::-1][:candidates]:
-                n = len(s.ids)
-                hit = least.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
-                there = self._flops(n - hit, hit)
+                there = self._cost_on(s, least)
                 if there > _MAX_MOVE_COST * here or max(busiest.flops - here, least.flops + there) >= busiest.flops:
                     continue
                 rest = busiest.without(s)
