@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dist_utils import run_ranks
+from zp_compile.server import packed
 from zp_compile.server.kv_cache import CacheViewMismatch, RankKVCache
-from zp_compile.server.prefix import BLOCK, block_hashes
+from zp_compile.server.prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
 from zp_compile.server.worker import batch_inputs, score
 
 CPU = torch.device("cpu")
@@ -27,7 +30,9 @@ def optimized(path, backend: str):
     import zp_compile
 
     torch._dynamo.reset()
-    return zp_compile.optimize(AutoModelForCausalLM.from_pretrained(path).eval(), backend=backend, dynamic=True)
+    model = zp_compile.optimize(AutoModelForCausalLM.from_pretrained(path).eval(), backend=backend, dynamic=True)
+    packed.enable(model)  # as the worker does
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,31 @@ def test_mixed_reuse_batch_matches_uncached_logits(model):
     assert (spoiled[0] - want[0]).abs().max() > 1e-2 and (spoiled[1] - want[2]).abs().max() <= TOL
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_packed_steps_match_uncached_logits_whatever_the_mix(model, data):
+    """Steps of prompts built from a few shared prefixes (a hit, a batch-mate's prefix, a partial block,
+    a duplicate, a 1-token prompt), under a budget that keeps all, some or none of it: every row's
+    logits equal the unbatched, uncached model's, and the rank's reuse equals the front end's rule
+    (``PrefixCache.reuse`` on a mirror of the cache)."""
+    budget = data.draw(st.sampled_from([0, 4 * BLOCK, 1024]), label="budget")
+    kv, mirror = RankKVCache(budget), PrefixCache(budget)
+    heads = [prompt(900 + i, 48) for i in range(3)]
+    piece = st.tuples(st.integers(0, 2), st.integers(0, 48), st.integers(1, 20), st.integers(0, 10**6))
+    for _ in range(data.draw(st.integers(1, 3), label="steps")):
+        rows = [heads[h][:n] + prompt(seed, k) for h, n, k, seed in data.draw(st.lists(piece, min_size=1, max_size=5), label="rows")]
+        if data.draw(st.booleans(), label="duplicate"):
+            rows.append(rows[0])
+        hashes = [block_hashes(r) for r in rows]
+        limits = [cacheable_blocks(len(r)) for r in rows]
+        expected = [h * BLOCK for h in mirror.step(hashes, limits)[0]]
+        got, reuse = cached(model, kv, rows, front_end=expected)  # the rank checks the front end's counts
+        assert reuse == expected
+        for row, r in enumerate(rows):
+            assert (got[row] - uncached(model, [r])[0]).abs().max() <= TOL
+        check_invariants(kv)
+
+
 def test_eviction_frees_kv_and_recomputes(model):
     kv = RankKVCache(3 * BLOCK)
     a, b, c = prompt(11, 40), prompt(12, 40), prompt(13, 33)  # 2 full blocks each
@@ -119,25 +149,33 @@ def test_front_end_disagreeing_with_the_rank_is_an_error(model):
     a = prompt(31, 40)
     cached(model, kv, [a], front_end=[0])
     cached(model, kv, [a], front_end=[32])  # agrees: the front end's view is exact
-    with pytest.raises(CacheViewMismatch, match="the front end counted 16 cached tokens but this rank's prefix cache holds 32"):
+    with pytest.raises(CacheViewMismatch, match="the front end counted 16 cached tokens but this rank reuses 32"):
         cached(model, kv, [a], front_end=[16])
     off = RankKVCache(0)
-    with pytest.raises(CacheViewMismatch, match="counted 32 cached tokens .* holds 0"):
+    with pytest.raises(CacheViewMismatch, match="counted 32 cached tokens but this rank reuses 0"):
         score(model, [{"ids": a, "cached": 32}], 0, CPU, off)
 
 
-def test_budget_zero_keeps_nothing_and_runs_the_plain_forward(model, monkeypatch):
+def test_budget_zero_keeps_nothing_between_steps_but_shares_within_one(model):
+    """KV-cache-free: nothing is kept, yet a row still reads the prefix a batch-mate computes."""
     kv = RankKVCache(0)
     a = prompt(41, 40)
-    calls = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *args, **kw: calls.append(kw) or forward(*args, **kw))
     batch = [{"ids": a, "top": 3}, {"ids": a[:20], "top": 3}]
-    plain = score(model, batch, 0, CPU)
     for _ in range(2):
-        assert score(model, batch, 0, CPU, kv) == plain  # the same forward, bit for bit
-    assert not kv.enabled and len(kv) == 0 and kv.tokens == 0 and len(kv.blocks) == 0
-    assert all(kw.get("use_cache") is False and "cache" not in kw for kw in calls)
+        got, reuse = cached(model, kv, [a, a[:20]])
+        assert reuse == [0, 16]  # a[:20] reads a's first block in the step, every time
+        assert (got - uncached(model, [a, a[:20]])).abs().max() <= TOL
+        assert not kv.enabled and len(kv) == 0 and kv.tokens == 0 and len(kv.blocks) == 0
+    assert [r["next"][0] for r in score(model, batch, 0, CPU, kv)] == [r["next"][0] for r in score(model, batch, 0, CPU)]
+
+
+def test_a_packed_step_needs_the_packed_attention(checkpoint):
+    """Any other attention would mix the rows of the one packed sequence: refused, not wrong logits."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with pytest.raises(ValueError, match="packed.enable"):
+        cached(plain, RankKVCache(1024), [prompt(42, 30)])
 
 
 def test_cached_score_uses_the_cache(model):
@@ -158,25 +196,26 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint):
     counters.clear()
     kv_cache.warm_up(model, CPU, 256)
     compiled = counters["stats"]["unique_graphs"]
-    assert compiled == 4  # B = 1 or more, P = 0 or more
+    assert compiled == 2  # P = 0 or more (sizes that could be 1 are padded to 2)
     kv = RankKVCache(1024)
     a = prompt(81, 85)
-    steps = [[a, a[:40]], [a], [a, prompt(82, 7), prompt(83, 100)], [prompt(84, 16)], [a + prompt(85, 30), a[:17], prompt(86, 2)], [a[:50]] * 2]
+    steps = [[a, a[:40]], [a], [a, prompt(82, 7), prompt(83, 100)], [prompt(84, 16)], [a + prompt(85, 30), a[:17], prompt(86, 2)],
+             [a[:50]] * 2, [prompt(87, 1)], [a[:17]]]  # fmt: skip
     reuse = []
     for batch in steps:
         seqs = [{"ids": p, "top": 1} for p in batch]
         reuse.append(kv.lookup(seqs)[1])
         score(model, seqs, 0, CPU, kv)
-    assert reuse == [[0, 0], [80], [80, 0, 0], [0], [80, 16, 0], [48, 48]]
+    assert reuse == [[0, 32], [80], [80, 0, 0], [0], [80, 16, 0], [48, 48], [0], [16]]
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 
 
 def test_warm_up_compiles_the_largest_step_so_serving_never_recompiles(checkpoint):
     """Inductor guards its stable sort of the MoE routing on tokens x top_k < 32,767: the first step past
-    it recompiles. Warm-up with the front end's largest step compiles that graph before serving."""
+    it recompiles. Warm-up with the front end's largest step compiles those graphs before serving."""
     from torch._dynamo.utils import counters
 
-    from zp_compile.server.worker import warm_up
+    from zp_compile.server.kv_cache import warm_up
 
     model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs
     top_k = model.config.num_experts_per_tok
@@ -186,9 +225,11 @@ def test_warm_up_compiles_the_largest_step_so_serving_never_recompiles(checkpoin
     small = counters["stats"]["unique_graphs"]
     warm_up(model, CPU, 256, max_tokens)
     compiled = counters["stats"]["unique_graphs"]
-    assert compiled == small + 1  # the largest step needed a graph of its own
-    rows = max_tokens // 128
-    score(model, [{"ids": prompt(90 + i, 128), "top": 1} for i in range(rows)], 0, CPU)  # a full step, other shape
+    assert compiled == small + 2  # the largest steps, with and without a past, needed graphs of their own
+    kv = RankKVCache(4096)
+    rows = [prompt(90 + i, 128) for i in range(max_tokens // 128)]
+    score(model, [{"ids": r, "top": 1} for r in rows], 0, CPU, kv)  # a full step, other rows
+    score(model, [{"ids": r[:64] + prompt(300 + i, 64), "top": 1} for i, r in enumerate(rows)], 0, CPU, kv)  # reusing 64 each
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 
 
@@ -228,6 +269,7 @@ def _hits_on_one_rank(rank: int, world_size: int, path: str) -> dict:
     out = {"reuse": [], "max_abs_diff": 0.0}
     with captured_graphs() as graphs:
         model = zp_compile.from_pretrained(path, backend="aot_eager", transport="collective", dynamic=True)
+        packed.enable(model)
         for prompts in steps:
             seqs = [{"ids": p} for p in prompts]
             if not seqs:
@@ -252,5 +294,5 @@ def test_two_ranks_one_hitting_one_missing_stay_in_lockstep(checkpoints):
     assert all(x == 0 for step in r1["reuse"] for x in step) and r1["reuse"][2] == []
     for r in (r0, r1):
         assert r["max_abs_diff"] <= TOL, r
-        # Every compiled graph (cached or not, B = 1 or more, P = 0 or more) gathers every expert bank once.
+        # Every compiled graph (P = 0 or more) gathers every expert bank once.
         assert r["expected_gathers"] > 0 and set(r["gathers_per_graph"]) == {r["expected_gathers"]}, r

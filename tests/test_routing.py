@@ -4,7 +4,6 @@ no model, no ranks, no timing asserts."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
@@ -20,13 +19,12 @@ from zp_compile.server.routing import (
     RouterSettings,
     ThresholdScheduler,
     ZeroPrefill,
-    _Fill,
     cache_aware,
     least_flops,
     make_policy,
     replay,
 )
-from zp_compile.server.scheduler import Sequence, padded_len
+from zp_compile.server.scheduler import Sequence
 
 # The planner's hand-counted toy (tests/test_planner.py): 856 active parameters per token, attention
 # 2 * heads * (qk + v) = 32 FLOPs per key per layer over 2 layers, lm_head 2 * 8 * 10 = 160.
@@ -44,11 +42,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def padded(batch: list[Sequence]) -> int:
-    """Padded tokens of a batch without reuse: batch x padded width."""
-    return len(batch) * max((padded_len(len(s.ids)) for s in batch), default=0)
 
 
 def blocks(n_blocks: int, start: int = 100) -> list[int]:
@@ -111,13 +104,22 @@ def test_a_chain_longer_than_the_budget_keeps_its_head():
     assert len(empty) == 0 and empty.match(chain) == 0
 
 
-def test_a_step_looks_up_before_it_inserts():
+def test_a_step_reuses_blocks_an_earlier_batch_mate_contains():
+    """One packed forward: a row reads the keys and values its batch-mates compute (rule 4), even with a
+    budget of 0 (nothing kept between steps)."""
     prompt = blocks(3) + [1]
     h = block_hashes(prompt)
+    limit = cacheable_blocks(len(prompt))
+    for budget in (1024, 0):
+        cache = PrefixCache(budget)
+        hits, evicted = cache.step([h, block_hashes(blocks(2, start=500) + [2]), h], [limit, 2, limit])
+        assert hits == [0, 0, 3] and evicted == []  # the third reuses the first's 3 blocks in the step
+        assert cache.step([h], [limit])[0] == ([3] if budget else [0])
+    # Only earlier rows: the first row of a batch cannot reuse what a later one computes.
     cache = PrefixCache(1024)
-    hits, evicted = cache.step([h, h], [cacheable_blocks(len(prompt))] * 2)
-    assert hits == [0, 0] and evicted == []  # one forward: the second copy cannot reuse the first's KV
-    assert cache.step([h], [cacheable_blocks(len(prompt))])[0] == [3]
+    longer = block_hashes(blocks(3) + blocks(1, start=900) + [3])
+    assert cache.step([h, longer], [limit, 4])[0] == [0, 3]
+    assert PrefixCache(1024).step([longer, h], [4, limit])[0] == [0, 3]
 
 
 def test_kv_budget_from_bytes():
@@ -214,24 +216,24 @@ def test_light_load_holds_a_lone_request_for_max_wait_then_runs_it():
     assert sched.last_step.below_threshold and sched.wake_in() is None
 
 
-def test_a_step_under_T_is_held_even_with_sequences_left_over_unless_a_budget_is_full():
-    """A burst's first arrivals: one computes a prefix that the others wait to reuse. Running it at
-    once would make a step of one sequence while the rest of the burst is still arriving; it is held
-    (max_wait_ms). A rank full by its token budget cannot take more: that step runs at once."""
+def test_a_step_under_T_is_held_unless_a_budget_is_full():
+    """A burst's first arrivals: running them at once would make a step of one or two sequences while
+    the rest of the burst is still arriving; the step is held (max_wait_ms). A rank that refused a
+    sequence for its token budget cannot take more: that step runs at once."""
     clock = Clock()
     T = flops_per_request(TOY, 1000)
     sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=256, max_wait_ms=50.0, cache_tokens=1024), clock)
     prefix = blocks(4)
     first, second = seq(prefix + [1]), seq(prefix + [2])
     sched.add([first, second])
-    assert sched.next_step() == [[]] and sched.wake_in() == pytest.approx(0.050)  # `second` waits on `first`'s blocks
+    assert sched.next_step() == [[]] and sched.wake_in() == pytest.approx(0.050)
     clock.t = 0.050
-    assert sched.next_step() == [[first]]
-    clock.t = 1.0
-    assert sched.next_step() == [[second]]
+    assert sched.next_step() == [[first, second]]  # the second reuses the first's blocks in the same step
+    assert [first.cached_tokens, second.cached_tokens] == [0, 64]
     wide = [seq(blocks(9, start=1000 + 200 * i)) for i in range(2)]  # 144 tokens each: one per 256-token step
+    clock.t = 1.0
     sched.add(wide)
-    assert sched.next_step() == [[wide[0]]] and sched.last_step.below_threshold  # not held: the budget is full
+    assert sched.next_step() == [[wide[0]]] and sched.last_step.below_threshold  # not held: the budget refused one
 
 
 def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
@@ -253,10 +255,10 @@ def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
         steps += 1
         info = sched.last_step
         for r, (b, f) in enumerate(zip(batches, info.flops)):
-            assert len(b) <= 16 and padded(b) <= 1024
+            assert len(b) <= 16 and sum(len(s.ids) - s.cached_tokens for s in b) == info.tokens[r] <= 1024
             assert f == pytest.approx(sum(s.flops for s in b))
             if b and f - b[-1].flops >= T:  # past T only to top up to a busier rank's level
-                assert info.padded_flops[r] <= max(p for i, p in enumerate(info.padded_flops) if i != r)
+                assert f <= max(p for i, p in enumerate(info.flops) if i != r)
         assert info.below_threshold == (max(info.flops) < T)
         if sched.waiting():
             assert min(info.flops) >= T  # work left over: every rank was filled to T
@@ -266,17 +268,17 @@ def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
     assert steps > 10 and held <= 1 and below <= 1  # only the tail may wait, and run, under T
 
 
-def test_a_sequence_over_the_padded_budget_is_passed_over_for_one_step_not_starved():
+def test_a_sequence_over_the_token_budget_is_passed_over_for_one_step_not_starved():
     sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=128, max_wait_ms=0.0), Clock())
-    a, long, c, d = seq(range(16)), seq(range(100)), seq(range(16)), seq(range(16))
+    a, long, c, d = seq(range(16)), seq(range(200, 320)), seq(range(400, 416)), seq(range(500, 516))
     sched.add([a, long, c, d])
-    assert sched.next_step() == [[a, c, d]]  # 2 x 112 padded tokens would not fit: the short ones go on
+    assert sched.next_step() == [[a, c, d]]  # 16 + 120 tokens would not fit 128: the short ones go on
     assert sched.next_step() == [[long]]  # now the head: it always runs
 
 
-def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_padded_flops():
+def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_flops():
     """Lockstep: the busiest rank sets the step's time. A rank that reached T with small rows keeps taking
-    them while its padded FLOPs stay within the busiest rank's (which two wide misses pushed past T)."""
+    them while its FLOPs stay within the busiest rank's (which two misses pushed past T)."""
     T = 3 * flops_per_request(TOY, 100)
     settings = RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, balance_bound=1e9)
     sched = ThresholdScheduler(2, TOY, settings, Clock())
@@ -292,11 +294,11 @@ def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_padded_flops():
     assert {s.rank for s in hits} == {h} and {s.rank for s in misses} == {m}
     batches = sched.next_step()
     info = sched.last_step
-    row = flops_per_request(TOY, 16, 128)  # one hit's row, padded to 16
-    to_T = math.ceil(T / flops_per_request(TOY, 15, 128))
+    row = flops_per_request(TOY, 15, 128)  # one hit's row: packed, no padding
+    to_T = math.ceil(T / row)
     assert len(batches[m]) == 2 and info.flops[m] >= T  # the misses' rank crossed T by most of a miss
-    assert len(batches[h]) == int(info.padded_flops[m] // row) > to_T  # more hits than T needs: up to that level
-    assert info.padded_flops[h] <= info.padded_flops[m] < info.padded_flops[h] + row
+    assert len(batches[h]) == int(info.flops[m] // row) > to_T  # more hits than T needs: up to that level
+    assert info.flops[h] <= info.flops[m] < info.flops[h] + row
     assert batches[h] == hits[: len(batches[h])]  # in arrival order
 
 
@@ -327,38 +329,34 @@ def test_an_idle_rank_leaves_a_neighbours_hits_where_their_prefix_is():
     seqs = [seq(prefix + [i] * 20) for i in range(12)]
     sched.add(seqs)
     assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
-    # Step 1: rank 0 computes the prefix once and defers the others (they reuse it one step later). Under
-    # T, the step is first held back for more work (max_wait_ms).
-    assert sched.next_step() == [[], []] and sched.wake_in() == pytest.approx(0.01)
-    clock.t += 0.01
-    assert sched.next_step() == [[seqs[0]], []]
-    assert sched.last_step.below_threshold and sched.last_step.cached_tokens == [0, 0]
-    # Then rank 0 runs them all, in arrival order, each reusing the prefix; rank 1 never computes it.
-    done = []
+    steps = []
     while sched.waiting():
-        clock.t += 1.0  # past max_wait_ms: the last step under T is not held back
+        clock.t += 1.0  # past max_wait_ms: a step under T is not held back
         batches = sched.next_step()
-        assert batches[1] == [] and all(s.cached_tokens == 64 for s in batches[0])
-        done += batches[0]
-    assert done == seqs[1:]
+        assert batches[1] == []  # rank 1 never computes the prefix
+        steps.append(batches[0])
+    assert sum(steps, []) == seqs and len(steps) > 1  # in arrival order, over several steps
+    assert steps[0][:2] == seqs[:2]  # the first computes the prefix, the second reuses it in the same step
+    assert [s.cached_tokens for s in seqs] == [0] + [64] * 11
 
 
-def test_hits_behind_a_lone_miss_run_first_and_the_miss_leads_the_next_step():
-    """A miss at the head whose batch no hit may join (each would attend over the miss's width) stays
-    under T, while the hits behind it would fill T: they run, and the miss, passed over once, leads the
-    next batch even though the hits still queued would make a larger one."""
+def test_a_ranks_hits_run_before_the_misses_queued_ahead_of_them():
+    """After its head, a rank takes the sequences that reuse its cached blocks first: each gives a step
+    its prompt for a fraction of the compute, and running them before new prefixes are computed keeps
+    their prefix from being evicted first. The misses keep their order; the next head runs first."""
     clock = Clock()
-    T = 40 * flops_per_request(TOY, 16, 256)
+    T = flops_per_request(TOY, 257) + 20 * flops_per_request(TOY, 16, 256)
     sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=8192), clock)
     prefix = blocks(16)
     sched.add([seq(prefix + [1])])
     sched.next_step()  # the prefix is cached
-    miss = seq(blocks(16, start=5000) + [2])  # 257 new tokens: 0.21 T
-    hits = [seq(prefix + [3 + i] * 16) for i in range(60)]  # 16 new tokens each over the cached 256
-    sched.add([miss] + hits)
-    assert sched.next_step() == [hits[:40]] and sched.last_step.flops[0] >= T
-    assert sched.next_step() == [[miss]]  # alone: no hit may join it, and it is not passed over twice
-    assert sched.next_step() == [hits[40:]]
+    misses = [seq(blocks(16, start=5000 + 300 * i) + [2]) for i in range(3)]  # 257 new tokens each
+    hits = [seq(prefix + [3 + i] * 16) for i in range(30)]  # 16 new tokens each over the cached 256
+    sched.add(misses[:2] + hits + misses[2:])
+    first = sched.next_step()[0]
+    assert first == [misses[0]] + hits[:20]  # the head, then hits up to T: misses[1] waits
+    second = sched.next_step()[0]
+    assert second[0] == misses[1] and second[1:11] == hits[20:]  # the new head first, then the hits left
 
 
 def test_a_step_under_T_is_evened_out_across_the_ranks():
@@ -383,19 +381,20 @@ def test_a_step_under_T_is_evened_out_across_the_ranks():
     assert sched.next_step() == [hits, []]
 
 
-def test_a_batch_mate_computing_the_same_prefix_defers_a_sequence_one_step():
+def test_a_batch_mates_prefix_is_reused_in_the_same_step():
     sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=1024), Clock())
     shared = blocks(3)
     a, b, other, c = seq(shared + [1] * 8), seq(shared + [2] * 8), seq(blocks(3, start=500) + [3]), seq(shared + [4] * 8)
     sched.add([a, b, other, c])
-    assert sched.next_step() == [[a, other]]  # b and c would recompute the 3 blocks a computes
-    assert sched.next_step() == [[b, c]] and [s.cached_tokens for s in (b, c)] == [48, 48]
+    assert sched.next_step() == [[a, b, other, c]]
+    assert [s.cached_tokens for s in (a, b, other, c)] == [0, 48, 0, 48]  # b and c read a's 3 blocks
+    F = lambda new, cached: flops_per_request(TOY, new, cached)  # noqa: E731
+    assert sched.last_step.flops == [pytest.approx(F(56, 0) + 2 * F(8, 48) + F(49, 0))]
 
 
-def test_a_batch_keeps_most_of_its_compute_useful():
-    """Rows are padded to the batch's widest suffix: a short hit does not join a long miss's batch
-    while that would make the rank compute mostly padding (min_efficiency), and vice versa."""
-    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, min_efficiency=0.5)
+def test_a_packed_step_costs_its_rows_true_flops_whatever_their_shapes():
+    """No padding: hits and a miss share a step, and the rank's FLOPs are the rows' own."""
+    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096)
     sched = ThresholdScheduler(1, TOY, settings, Clock())
     shared = blocks(8)
     sched.add([seq(shared + [9])])
@@ -403,54 +402,10 @@ def test_a_batch_keeps_most_of_its_compute_useful():
     hits = [seq(shared + [i] * 15) for i in range(3)]  # 15 new tokens each after 128 cached
     miss = seq(blocks(8, start=900) + [5])  # 129 new tokens
     sched.add([hits[0], miss, *hits[1:]])
-    assert sched.next_step() == [hits]
-    assert sched.next_step() == [[miss]]
-    # With no check the miss joins the hits' batch, and every row computes 144 tokens.
-    loose = ThresholdScheduler(1, TOY, dataclasses.replace(settings, min_efficiency=0.0), Clock())
-    loose.add([seq(shared + [9])])
-    loose.next_step()
-    loose.add([hits[0], miss, *hits[1:]])
-    assert loose.next_step() == [[*hits, miss]]  # rows of the head's shape first, then the wider one
-    assert loose.last_step.padded_flops[0] == pytest.approx(4 * flops_per_request(TOY, 144, 128))
-
-
-def test_one_narrow_row_never_makes_a_batch_of_wide_rows_attend_over_its_long_past():
-    """A row joins only if what it adds to the rank's padded FLOPs is at most 10x its own cost, even when
-    the batch as a whole would keep min_efficiency: a hit among misses pads every miss to its past."""
-    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, min_efficiency=0.3)
-    sched = ThresholdScheduler(1, TOY, settings, Clock())
-    shared = blocks(8)
-    sched.add([seq(shared + [9])])
-    sched.next_step()  # the 128-token prefix is cached now
-    misses = [seq(blocks(8, start=1000 + 200 * i) + [5]) for i in range(4)]  # 129 new tokens each
-    hit = seq(shared + [7] * 15)  # 15 new tokens after 128 cached
-    sched.add([misses[0], hit, *misses[1:]])
-    F = lambda new, cached: flops_per_request(TOY, new, cached)  # noqa: E731
-    together = 5 * F(144, 128)  # every row 144 wide over a 128-token past
-    assert (4 * F(144, 0) + F(16, 128)) / together > 0.3  # the batch as a whole would pass min_efficiency ...
-    assert F(16, 128) < 0.1 * (together - 4 * F(144, 0))  # ... but the hit alone adds > 10x its cost
-    assert sched.next_step() == [misses]
-    assert sched.next_step() == [[hit]]
-
-
-def test_rows_of_the_heads_shape_are_taken_before_a_wider_one():
-    """A wider row met early would widen the batch for every narrow row behind it: rows that fit the
-    batch's shape so far go first, and the wider row joins only if it still passes the checks."""
-    settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096)
-    sched = ThresholdScheduler(1, TOY, settings, Clock())
-    shared = blocks(8)
-    sched.add([seq(shared + [9])])
-    sched.next_step()
-    hits = [seq(shared + [i] * 15) for i in range(7)]  # 15 new tokens after 128 cached
-    partial = seq(shared[:64] + blocks(5, start=3000))  # reuses 4 blocks, 80 new tokens
-    sched.add([hits[0], partial, *hits[1:]])
-    # Taken in plain order, the partial row would join the first hit (and all later hits be 80 wide) ...
-    alone = _Fill(sched, 0)
-    assert alone.take(hits[0]) and alone.take(partial)
-    # ... taken shape first, the hits run 16 wide, then the partial row in a step of its own.
-    assert sched.next_step() == [hits]
-    assert sched.last_step.padded_flops == [7 * flops_per_request(TOY, 16, 128)]
-    assert sched.next_step() == [[partial]]
+    assert sched.next_step() == [[*hits, miss]]  # the head, the hits, then the miss
+    info = sched.last_step
+    assert info.flops == [pytest.approx(3 * flops_per_request(TOY, 15, 128) + flops_per_request(TOY, 129))]
+    assert info.tokens == [3 * 15 + 129] and info.cached_tokens == [3 * 128]
 
 
 def test_the_view_matches_a_rank_side_cache_that_follows_the_contract():

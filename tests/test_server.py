@@ -344,8 +344,7 @@ def test_auto_transport_is_shared_memory_only_for_cpu_ranks_on_one_host():
 def test_serve_refuses_bad_settings_before_starting_ranks(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for flag, value, message in [("--heartbeat-timeout", "0", "--heartbeat-timeout must be > 0"),
-                                 ("--cache-tokens", "-1", "--cache-tokens must be >= 0"),
-                                 ("--min-batch-efficiency", "1", "--min-batch-efficiency must be in [0, 1)")]:  # fmt: skip
+                                 ("--cache-tokens", "-1", "--cache-tokens must be >= 0")]:  # fmt: skip
         with pytest.raises(SystemExit) as e:
             cli.main(["serve", "--model", str(tmp_path), flag, value])
         assert message in str(e.value), e.value

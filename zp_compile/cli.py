@@ -145,7 +145,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")
-    p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank, help="padded tokens per rank per step (default %(default)s)")
+    p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank, help="tokens per rank per step: fifo counts them padded, a routing policy counts "
+                   "the ones computed (default %(default)s)")
     p.add_argument("--max-seqs-per-rank", type=int, default=d.max_seqs_per_rank)
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued sequences before 429 (default %(default)s)")
     p.add_argument("--max-items", type=int, default=d.max_items, help="inputs/items/documents per request (default %(default)s)")
@@ -163,9 +164,6 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens,
                    help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
-    p.add_argument("--min-batch-efficiency", type=float, default=d.min_batch_efficiency,
-                   help="with a routing policy: a sequence joins a step's batch only if what the rows would cost one by one stays "
-                   "at least this share of what the rank computes for the padded batch (0: no check; default %(default)s)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip
@@ -205,8 +203,6 @@ def run_serve(args: argparse.Namespace) -> int:
     for flag in ("request_timeout", "step_timeout", "start_timeout", "heartbeat_timeout"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
-    if not 0 <= args.min_batch_efficiency < 1:
-        raise ValueError(f"--min-batch-efficiency must be in [0, 1), got {args.min_batch_efficiency}")
     if args.max_items > args.max_waiting:
         raise ValueError(f"--max-items {args.max_items} exceeds --max-waiting {args.max_waiting}: such a request could never be queued")
     settings = ServeSettings(
@@ -215,7 +211,6 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
         policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms, cache_tokens=args.cache_tokens,
-        min_batch_efficiency=args.min_batch_efficiency,
     )  # fmt: skip
     rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
                                  transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,

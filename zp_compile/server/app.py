@@ -60,7 +60,7 @@ class ServeSettings:
     tokenizer: str | None = None  # default: the model directory
     labels: list[str] = field(default_factory=list)
     max_model_len: int | None = None  # default: the config's max_position_embeddings
-    max_tokens_per_rank: int = 8192  # padded tokens per rank per step
+    max_tokens_per_rank: int = 8192  # tokens per rank per step (fifo: padded; a routing policy: computed, packed)
     max_seqs_per_rank: int = 256
     max_waiting: int = 4096  # sequences queued; beyond: 429
     max_items: int = 256  # inputs / items / documents in one request
@@ -74,7 +74,6 @@ class ServeSettings:
     threshold_flops: float | None = None  # T per rank per step; None: measured by the ranks at start-up
     max_wait_ms: float = 50.0  # the longest a step is held back for more work while every rank is under T
     cache_tokens: int = 0  # each rank's prefix KV cache budget in tokens, mirrored by the router's view
-    min_batch_efficiency: float = 0.4  # RouterSettings.min_efficiency: rows' own cost over the padded batch's
 
 
 class ServerState:
@@ -126,8 +125,7 @@ class ServerState:
             return FifoScheduler(n, s.max_tokens_per_rank, s.max_seqs_per_rank)
         T = s.threshold_flops or self.threshold["flops_per_step"]
         log.info("zp-compile: %s routing, steps filled to T = %.3g FLOPs per rank", s.policy, T)
-        router = RouterSettings(T, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy,
-                                min_efficiency=s.min_batch_efficiency)  # fmt: skip
+        router = RouterSettings(T, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy)
         return ThresholdScheduler(n, self.spec, router)
 
     def _wake_later(self) -> None:

@@ -6,31 +6,31 @@ class holds (rule 3's budget then bounds the KV held). Per held block it keeps, 
 block's 16 keys and values as the model's cache stores them (after RoPE, at the block's absolute
 positions: a block is always at the same positions, since its hash covers everything before it).
 
-A step with sequences of different cached lengths runs as ONE forward (``assemble``):
+A step runs as ONE packed forward (``assemble``; the kernel is ``server/packed.py``):
 
-    row b, reusing r_b tokens (whole blocks) of its n_b:   |<------ P ------>|<------- S -------->|
-    past keys/values (from the cache), per layer [B, H, P, D]:   pad ... r_b cached
-    input_ids (the suffixes, batch_inputs' left padding) [B, S]:            pad ... n_b - r_b new
-    attention_mask [B, P + S]:  1 on the r_b cached and the n_b - r_b new tokens, 0 on padding
-    position_ids [B, S]:        r_b + index among the row's real new tokens
+    input_ids [1, L]:     row 0's new tokens | row 1's new tokens | ...      (L = their sum; no padding)
+    position_ids [1, L]:  r_b, r_b + 1, ..., n_b - 1 for row b, reusing r_b of its n_b tokens
+    past keys/values, per layer [1, Hkv, P, D]: every cached block some row reuses, each ONCE
+    zp_rows [B, 4], zp_ranges [R, 2]: row b's keys as ranges of [past | new tokens] (P + L keys): its
+        prefix blocks, each in the past or in the new tokens of the earlier row that computes it (in-step
+        prefix sharing), then its own new tokens
+    logits_to_keep [B]:   the index of every row's last token
 
-with P the longest reuse in the batch and S a multiple of 16. transformers builds the causal mask on
-the index space [0, P + S) with the queries at P.. (``DynamicCache.get_seq_length`` = P), so left
-padding in both regions keeps every real token after its real predecessors.
+Twenty rows that share a 1,024-token cached prefix thus attend over one copy of it, and a group's first
+prompt and its followers can run in the same step. Tensors that would be size 1 are padded to 2 (a
+spare row, range and logits index; a spare pad token when L = 1): dynamo specialises sizes 0 and 1, and
+each specialisation is another graph to compile while serving.
 
 The model is called with ``cache=`` (transformers 5.24's name; ``past_key_values`` is a deprecated
-alias until 5.40), ``use_cache=True`` and ``logits_to_keep=1``.
+alias until 5.40) and ``use_cache=True``.
 
 Lockstep (``transport="collective"``): every compiled graph of the forward gathers every sharded
-layer's experts in the same ascending order whatever its inputs; with the cache enabled every non-empty
-batch passes a cache object (P = 0 included: an uninitialised ``DynamicCache``), so which graph a rank
-runs changes shapes, not the gathers. An empty batch still takes ``optimize``'s empty path. Checked
-(torch 2.13, transformers 5.24, Qwen3-MoE, aot_eager and Inductor): the cached forward is one graph
-with no graph break; with ``dynamic=True`` it compiles 4 graphs, (B = 1 or > 1) x (P = 0 or > 0),
-since dynamo specialises sizes 0 and 1 (guards ``input_ids.size(0)`` and
-``cache.layers[0].is_initialized``), and then none for other B, P, S; ``tests/test_kv_cache.py`` runs
-2 gloo ranks where one hits and the other misses (or is empty) in the same steps and finds every
-graph with the same number of gathers.
+layer's experts in the same ascending order whatever its inputs; every non-empty batch passes a cache
+object (P = 0 included: an uninitialised ``DynamicCache``), so which graph a rank runs changes shapes,
+not the gathers. An empty batch still takes ``optimize``'s empty path. With ``dynamic=True`` the packed
+forward compiles 2 graphs, P = 0 and P > 0 (``cache.layers[0].is_initialized``), and then none for
+other L, P, B; ``tests/test_kv_cache.py`` runs 2 gloo ranks where one hits and the other misses (or is
+empty) in the same steps and finds every graph with the same number of gathers.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
-from .worker import batch_inputs, largest_step, score
+from .worker import largest_step, score
 
 
 class CacheViewMismatch(RuntimeError):
@@ -86,72 +86,95 @@ class RankKVCache:
 
     # ---- one step ------------------------------------------------------------------------------------
     def lookup(self, seqs: list[dict]) -> tuple[list[list[bytes]], list[int]]:
-        """Each sequence's block hashes and reused tokens (rule 2, on the cache as it is before the step),
-        checked against the front end's ``cached`` count where the payload carries one."""
-        if not self.enabled:
-            hashes, reuse = [[] for _ in seqs], [0] * len(seqs)
-        else:
-            hashes = [block_hashes(s["ids"]) for s in seqs]
-            reuse = [self.blocks.match(h, cacheable_blocks(len(s["ids"]))) * BLOCK for h, s in zip(hashes, seqs)]
+        """Each sequence's block hashes and reused tokens (rule 4's lookup: the cache before the step, and
+        earlier rows of the step), checked against the front end's ``cached`` count where the payload
+        carries one."""
+        hashes = [block_hashes(s["ids"]) for s in seqs]
+        reuse = [h * BLOCK for h in self.blocks.reuse(hashes, [cacheable_blocks(len(s["ids"])) for s in seqs])]
         for i, (s, r) in enumerate(zip(seqs, reuse)):
             if s.get("cached") is not None and s["cached"] != r:
                 raise CacheViewMismatch(
                     f"sequence {i} of this step ({len(s['ids'])} tokens): the front end counted {s['cached']} cached "
-                    f"tokens but this rank's prefix cache holds {r} of its leading tokens (budget {self.budget_tokens} "
+                    f"tokens but this rank reuses {r} of its leading tokens (budget {self.budget_tokens} "
                     f"tokens, {self.tokens} held). The front end's view diverged from the rank: both must follow "
                     "the contract in zp_compile/server/prefix.py with the same budget and batch order"
                 )
         return hashes, reuse
 
     def forward(self, model, seqs: list[dict], pad_id: int, device: torch.device) -> torch.Tensor:
-        """One step's non-empty batch with prefix reuse: next-token logits [B, V]. Inserts and evicts after
-        the forward (rule 5): the reused blocks' KV is read before anything is freed, and a forward that
-        raises leaves the cache as it was. Lookup, assembly and commit are host code outside the compiled
-        region, with no host-device sync (on a GPU the copies are only enqueued)."""
+        """One step's non-empty batch, packed, with prefix reuse: next-token logits [B, V]. Inserts and
+        evicts after the forward (rule 5): the reused blocks' KV is read before anything is freed, and a
+        forward that raises leaves the cache as it was. Lookup, assembly and commit are host code outside
+        the compiled region, with no host-device sync (on a GPU the copies are only enqueued)."""
         hashes, reuse = self.lookup(seqs)
-        inputs = self.assemble(model, seqs, hashes, reuse, pad_id, device)
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        self.commit(seqs, hashes, reuse, out.cache)
-        return out.logits[:, -1]  # [B, V]
+        inputs, computed = self.assemble(model, seqs, hashes, reuse, pad_id, device)
+        out = model(**inputs, use_cache=True)
+        self.commit(seqs, hashes, reuse, computed, out.cache)
+        return out.logits[0, : len(seqs)]  # [B, V]
 
     def assemble(self, model, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], pad_id: int,
-                 device: torch.device) -> dict:  # fmt: skip
-        """The model's keyword arguments for a batch whose rows reuse ``reuse`` tokens (see the module
-        docstring): suffixes as ``input_ids``, the cached prefixes in a ``DynamicCache``."""
+                 device: torch.device) -> tuple[dict, dict[bytes, int]]:  # fmt: skip
+        """The model's keyword arguments for the packed step (see the module docstring), and where the
+        keys of each block the step computes start (hash -> index in the layer's P + L keys)."""
         from transformers.cache_utils import DynamicCache
 
+        from .packed import no_mask
+
         self._check_model(model)
-        new = batch_inputs([s["ids"][r:] for s, r in zip(seqs, reuse)], pad_id)  # [B, S] each
-        P = max(reuse)
-        reuse_B1 = torch.tensor(reuse, dtype=torch.long)[:, None]
-        past_mask = (torch.arange(P) >= P - reuse_B1).long()  # [B, P]: each row's cached tokens, left-padded
-        mask = torch.cat([past_mask, new["attention_mask"]], dim=-1)  # [B, P + S]
-        positions = new["position_ids"] + reuse_B1  # [B, S]: the suffix continues its prefix
+        past: dict[bytes, int] = {}  # cached block -> its start in the past [0, P)
+        computed: dict[bytes, int] = {}  # block computed this step -> its start among the new tokens [0, L)
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[list[int]] = []
+        spans: list[tuple[bool, int, int]] = []  # (in the new tokens?, start, end), before P is known
+        for s, chain, r in zip(seqs, hashes, reuse):
+            q0 = len(ids)
+            first = len(spans)
+            for h in chain[: r // BLOCK]:
+                new = h in computed
+                start = computed[h] if new else past.setdefault(h, BLOCK * len(past))
+                if len(spans) > first and spans[-1][0] == new and spans[-1][2] == start:
+                    spans[-1] = (new, spans[-1][1], start + BLOCK)  # contiguous with the previous block
+                else:
+                    spans.append((new, start, start + BLOCK))
+            ids += s["ids"][r:]
+            positions += range(r, len(s["ids"]))
+            spans.append((True, q0, len(ids)))  # its own new tokens, last
+            for i in range(r // BLOCK, len(chain)):  # the full blocks it computes, in its new tokens
+                computed.setdefault(chain[i], q0 + i * BLOCK - r)
+            rows.append([q0, len(ids), first, len(spans)])
+        P = BLOCK * len(past)
+        last = [row[1] - 1 for row in rows]
+        if len(ids) == 1:
+            ids, positions = ids + [pad_id], positions + [0]  # a spare token no row reads (L > 1, see above)
+        if len(rows) == 1:
+            rows.append([0, 0, len(spans), len(spans)])  # a spare empty row
+            last.append(last[0])
+        ranges = [[start + (P if new else 0), end + (P if new else 0)] for new, start, end in spans]
+        if len(ranges) == 1:
+            ranges.append([0, 0])
         cache = DynamicCache(config=model.config)
         if P:
-            # Past keys/values per layer, left-padded to P with zeros (masked out): [B, H, P, D]. Built one
-            # layer at a time so that only one layer's staging copy exists beside the cache.
-            k0, v0 = next(iter(self._kv.values()))  # [L, H, 16, Dk], [L, H, 16, Dv]
-            held = [[self._kv[h] for h in chain[: r // BLOCK]] for chain, r in zip(hashes, reuse)]
-            for layer in range(k0.shape[0]):
-                past_k = k0.new_zeros((len(seqs), k0.shape[1], P, k0.shape[3]))
-                past_v = v0.new_zeros((len(seqs), v0.shape[1], P, v0.shape[3]))
-                for b, (blocks, r) in enumerate(zip(held, reuse)):
-                    if r:
-                        past_k[b, :, P - r :] = torch.cat([k[layer] for k, _ in blocks], dim=-2)  # [H, r, Dk]
-                        past_v[b, :, P - r :] = torch.cat([v[layer] for _, v in blocks], dim=-2)
-                cache.update(past_k, past_v, layer)
+            # Past keys/values per layer: the reused blocks, each once, in order of first use [1, Hkv, P, D].
+            held = [self._kv[h] for h in past]  # insertion order = offset order
+            for layer in range(held[0][0].shape[0]):
+                cache.update(torch.cat([k[layer] for k, _ in held], dim=-2)[None].to(device),
+                             torch.cat([v[layer] for _, v in held], dim=-2)[None].to(device), layer)  # fmt: skip
         # P = 0: an empty cache object all the same (see the module docstring on lockstep).
-        return {
-            "input_ids": new["input_ids"].to(device),
-            "attention_mask": mask.to(device),
-            "position_ids": positions.to(device),
+        inputs = {
+            "input_ids": torch.tensor([ids], dtype=torch.long, device=device),
+            "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
+            "attention_mask": no_mask(device),
             "cache": cache,
+            "logits_to_keep": torch.tensor(last, dtype=torch.long, device=device),
+            "zp_rows": torch.tensor(rows, dtype=torch.long),  # host tensors: the kernel loops over them
+            "zp_ranges": torch.tensor(ranges, dtype=torch.long),
         }
+        return inputs, {h: P + start for h, start in computed.items()}
 
-    def commit(self, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], cache) -> None:
+    def commit(self, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache) -> None:
         """After the forward: ``PrefixCache.step`` (rule 4), free evicted blocks' KV, keep the KV of blocks
-        it inserted, copied out of the forward's cache ``[B, H, P + S, D]`` per layer."""
+        it inserted, copied out of the forward's cache ``[1, Hkv, P + L, D]`` per layer at ``computed``."""
         limits = [cacheable_blocks(len(s["ids"])) for s in seqs]
         hits, evicted = self.blocks.step(hashes, limits)
         if [h * BLOCK for h in hits] != reuse:
@@ -159,47 +182,53 @@ class RankKVCache:
         for h in evicted:
             if h not in self.blocks:  # an evicted block re-inserted later in the same step keeps its KV
                 self._kv.pop(h, None)
+        if not self.enabled:
+            return
         layers = cache.layers
-        width = layers[0].keys.shape[-2]  # P + S
-        for b, (chain, r, s) in enumerate(zip(hashes, reuse, seqs)):
-            for i, h in enumerate(chain):
-                if h in self._kv or h not in self.blocks:
-                    continue
-                # Not held before the step, so no row reused it: it is in this row's new tokens, which end
-                # the row. Row b's block i starts at width - n_b + 16 i.
-                assert i * BLOCK >= r, "a block reused in this step was not held"
-                start = width - len(s["ids"]) + i * BLOCK
-                keys = torch.stack([layer.keys[b, :, start : start + BLOCK] for layer in layers])  # [L, H, 16, Dk], a copy
-                values = torch.stack([layer.values[b, :, start : start + BLOCK] for layer in layers])
-                self._kv[h] = (keys, values)
+        for h, at in computed.items():
+            if h in self._kv or h not in self.blocks:
+                continue
+            keys = torch.stack([layer.keys[0, :, at : at + BLOCK] for layer in layers])  # [L, Hkv, 16, Dk], a copy
+            values = torch.stack([layer.values[0, :, at : at + BLOCK] for layer in layers])
+            self._kv[h] = (keys, values)
 
     def _check_model(self, model) -> None:
-        """Prefix reuse here needs full-attention cache layers (a sliding-window layer drops old keys)."""
-        if self._checked is type(model):
-            return
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        """A packed step needs the packed attention (``packed.enable``; any other implementation would
+        attend across rows) and a model that supports it (``packed.unsupported``)."""
+        from .packed import NAME, unsupported
 
-        kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-        if kinds != {DynamicLayer.__name__}:
+        if model.config._attn_implementation != NAME:
             raise ValueError(
-                f"prefix KV reuse needs full-attention cache layers, but {type(model).__name__}'s cache has "
-                f"{sorted(kinds)}; serve it with cache_tokens=0 (KV-cache-free)"
+                f"{type(model).__name__} runs attention {model.config._attn_implementation!r}, but a packed step needs "
+                f"{NAME!r}: call zp_compile.server.packed.enable(model) before its first forward"
             )
-        self._checked = type(model)
+        if self._checked is not type(model):
+            if reason := unsupported(model):
+                raise ValueError(reason)
+            self._checked = type(model)
 
 
 def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
-    """Compile the cached path's graphs before serving: batch 1 and > 1, with P = 0 and P > 0 (dynamo
-    specialises sizes 0 and 1), and with ``max_tokens`` new tokens (``worker.warm_up``). Uses a scratch
-    cache, so the serving cache starts empty as the front end's view does. Every rank runs the same
-    batches: the same gathers in the same order."""
-    ids = torch.arange(3, 3 + 3 * BLOCK).remainder(vocab).tolist()
-    other = torch.arange(7, 7 + 3 * BLOCK).remainder(vocab).tolist()
-    scratch = RankKVCache(8 * BLOCK)
-    # (B, P, S): (2, 0, 48), (1, 0, 48), (1, 32, 16), (2, 32, 16). P != S: dynamo gives equal sizes one
-    # symbol (duck sizing), and a graph traced with P == S would be recompiled for the first P != S.
-    for rows in ([ids, ids[:-5]], [other], [ids[:40]], [ids, other]):
+    """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
+    and steps of ``max_tokens`` new tokens (``worker.warm_up`` says why). Uses a scratch cache, so the
+    serving cache starts empty as the front end's view does. Every rank runs the same batches: the same
+    gathers in the same order.
+
+    Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
+    the first time they differ: the warm-up steps keep every size apart (L new tokens, P past tokens, B
+    rows, R key ranges, and the 4 and 2 columns of rows and ranges)."""
+    def row(seed: int, n: int) -> list[int]:
+        return torch.arange(seed, seed + n).remainder(vocab).tolist()
+
+    scratch = RankKVCache(16 * BLOCK)
+    a, b, c, d, e, f = (row(3 + 11 * i, 50) for i in range(6))
+    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 194.
+    score(model, [{"ids": r, "top": 1} for r in (a[:48], a[:43], b[:48], c[:40], d[:45])], 0, device, scratch)
+    # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
+    score(model, [{"ids": r, "top": 1} for r in (a[:40], b[:45], e, e[:35], f[:30])], 0, device, scratch)
+    if rows := largest_step(model, max_tokens, vocab, spare=32):  # L = max_tokens with P = 0, then P = 32
+        scratch = RankKVCache(16 * BLOCK)  # empty: none of these rows may reuse the blocks above
         score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
-    if rows := largest_step(model, max_tokens, vocab, spare=32):  # P = 0, then P = 32: the first step cached r[:32]
-        score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
-        score(model, [{"ids": r[:32] + r, "top": 1} for r in rows], 0, device, scratch)
+        base = row(900, 33)
+        score(model, [{"ids": base, "top": 1}], 0, device, scratch)  # caches base's 2 blocks, inserted last
+        score(model, [{"ids": base[:32] + r, "top": 1} for r in rows], 0, device, scratch)

@@ -13,14 +13,16 @@ cache follows the same rules. The contract for the rank-side KV cache:
 3. Budget: ``budget_tokens // BLOCK`` blocks per rank (``cache_tokens_for_bytes`` converts a byte
    budget with the model's KV bytes per token). Both sides use the same number.
 4. Step time, per rank, with the rank's batch in the order the scheduler returned it
-   (``PrefixCache.step``): first every sequence's reuse is looked up on the cache as it was before the
-   step (no sequence reuses blocks another sequence of the same step computes: they run in one
-   forward); then, sequence by sequence in batch order, its full blocks are walked in order: a block
+   (``PrefixCache.step``): first each sequence's reuse is looked up (``PrefixCache.reuse``): the longest
+   run of its leading blocks (rule 2's limit) each of which the cache held before the step or an
+   earlier sequence of the same batch contains (the step runs as one packed forward, so a row reads the
+   keys and values a batch-mate computes: in-step prefix sharing); then, sequence by sequence in batch
+   order, its full blocks are walked in order: a block
    the cache holds becomes the most recently used; a missing one is inserted, after evicting least
    recently used *leaves* (blocks none of whose children are held) until the budget has room; the
    block's own parent is never evicted for it, and if no other leaf is left the rest of that prompt's
    blocks are not inserted. Recency is one counter for the whole cache, advanced at every block
-   touched or inserted.
+   touched or inserted. A budget of 0 holds nothing, but sequences of one step still share.
 5. The rank reads the reused KV during the step's forward and applies the inserts and evictions
    after it (``PrefixCache.step`` returns the evicted hashes in eviction order): for one step the rank
    holds up to the budget plus that step's new KV.
@@ -103,11 +105,25 @@ class PrefixCache:
             n += 1
         return n
 
+    def reuse(self, batch: list[list[bytes]], limits: list[int]) -> list[int]:
+        """Rule 4's lookup for one rank's batch, in blocks per sequence: leading blocks (at most
+        ``limits[i]``) each held now or contained in an earlier sequence of ``batch``. Changes nothing."""
+        hits, present = [], set()
+        for hashes, limit in zip(batch, limits):
+            n = 0
+            for h in hashes[:limit]:
+                if h not in self._tick and h not in present:
+                    break
+                n += 1
+            hits.append(n)
+            present.update(hashes)
+        return hits
+
     def step(self, batch: list[list[bytes]], limits: list[int]) -> tuple[list[int], list[bytes]]:
-        """Rule 4 of the module docstring for one rank's batch: each sequence's reused blocks (looked
-        up before any insert, at most ``limits[i]``), then every sequence's blocks inserted in batch
-        order. Returns (reused blocks per sequence, evicted hashes in eviction order)."""
-        hits = [self.match(hashes, limit) for hashes, limit in zip(batch, limits)]
+        """Rule 4 of the module docstring for one rank's batch: each sequence's reused blocks
+        (``reuse``), then every sequence's blocks inserted in batch order. Returns (reused blocks per
+        sequence, evicted hashes in eviction order)."""
+        hits = self.reuse(batch, limits)
         evicted: list[bytes] = []
         for hashes in batch:
             evicted += self.insert(hashes)

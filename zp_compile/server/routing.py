@@ -8,11 +8,12 @@ the saturation threshold T (the paper's front end, NOTES.md).
   ``cache_aware`` (SGLang's router) and ``ZeroPrefill`` (ours: longest cached prefix, unless that
   pushes the ranks' FLOPs more than a bound apart).
 - Admission, each step (``ThresholdScheduler.next_step``): every rank takes its queued sequences in
-  order until its step's FLOPs reach T, within its padded-token and sequence budgets (passing over a
-  sequence whose prefix a batch-mate computes, or that would make the batch mostly padding); a rank still
-  under T then takes the oldest sequences other ranks cannot run this step; while even the busiest
-  rank is under T and no rank's budget is full, the step is held back, for at most ``max_wait_ms``
-  after the oldest waiting sequence arrived.
+  order until its step's FLOPs reach T, within its token and sequence budgets; a rank still under T
+  then takes the oldest sequences other ranks cannot run this step; while even the busiest rank is
+  under T and no rank's budget is full, the step is held back, for at most ``max_wait_ms`` after the
+  oldest waiting sequence arrived. A rank runs its step packed (``server/packed.py``): no padding, and
+  a sequence reuses the blocks its rank cached before the step and those an earlier sequence of its
+  batch contains, so a step costs the rank exactly its sequences' FLOPs.
 - The front end's view of every rank's prefix cache (``prefix.PrefixCache``) is updated when a step is
   scheduled; the contract the rank-side cache must follow for the view to be exact is in
   ``zp_compile/server/prefix.py``.
@@ -32,7 +33,7 @@ from itertools import islice
 
 from ..planner import ModelSpec, flops_per_request
 from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
-from .scheduler import Sequence, padded_len
+from .scheduler import Sequence
 
 # ----------------------------------------------------------------------------------------------------
 # Policies
@@ -139,18 +140,12 @@ def make_policy(name: str, threshold_flops: float, balance_bound: float = 1.0) -
 @dataclass(frozen=True)
 class RouterSettings:
     """threshold_flops: T, FLOPs per rank per step (``threshold.saturation_threshold(...).flops_per_step``).
-    max_tokens / max_seqs: per rank per step, as FifoScheduler; the padded tokens counted are each
-        sequence's uncached tokens (what the rank computes; all of them while cache_tokens is 0).
+    max_tokens / max_seqs: per rank per step; the tokens counted are the ones the rank computes (each
+        sequence's tokens after its reused prefix; a packed step has no padding).
     max_wait_ms: longest a step is held back waiting for more work while every rank is under T.
     cache_tokens: each rank's prefix-cache budget in tokens (``prefix.cache_tokens_for_bytes`` from
-        bytes); 0: no reuse (KV-cache-free ranks).
-    policy / balance_bound: the routing policy; zero_prefill's bound in units of T.
-    min_efficiency: a sequence joins a non-empty batch only if what its rows would cost one by one
-        (each padded to a multiple of 16, attending over its own past) stays at least this share of what
-        the rank computes for the batch: every row is padded to the batch's widest suffix and attends over
-        its longest past, so one 1,024-token miss among 64-token hits would make the rank compute the hits
-        16 times over. Also, no row may add more than 10x its own cost to the batch's padded FLOPs
-        (``_MIN_MARGINAL``). 0: neither check."""
+        bytes); 0: nothing kept between steps (KV-cache-free ranks; a step's sequences still share).
+    policy / balance_bound: the routing policy; zero_prefill's bound in units of T."""
 
     threshold_flops: float
     max_tokens: int = 8192
@@ -159,7 +154,6 @@ class RouterSettings:
     cache_tokens: int = 0
     policy: str = "zero_prefill"
     balance_bound: float = 1.0
-    min_efficiency: float = 0.4
 
     def __post_init__(self) -> None:
         if not self.threshold_flops > 0:
@@ -169,8 +163,6 @@ class RouterSettings:
         if self.max_wait_ms < 0 or self.cache_tokens < 0 or self.balance_bound < 0:
             raise ValueError(f"max_wait_ms ({self.max_wait_ms}), cache_tokens ({self.cache_tokens}) and "
                              f"balance_bound ({self.balance_bound}) must be >= 0")  # fmt: skip
-        if not 0 <= self.min_efficiency < 1:
-            raise ValueError(f"min_efficiency must be in [0, 1), got {self.min_efficiency}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(POLICIES)}")
 
@@ -179,17 +171,12 @@ class RouterSettings:
 class StepInfo:
     """What ``next_step`` returned, per rank (for the server's metrics)."""
 
-    flops: list[float]  # the step's FLOPs, reuse subtracted
+    flops: list[float]  # the step's FLOPs, reuse subtracted: what the rank computes (packed: no padding)
     tokens: list[int]  # uncached prompt tokens computed
-    cached_tokens: list[int]  # prompt tokens supplied by the rank's prefix cache (zp_prefix_hit_tokens_total)
-    padded_flops: list[float]  # what the ranks compute: batch x (padded width after a padded past)
+    cached_tokens: list[int]  # prompt tokens reused: from the rank's prefix cache or a batch-mate (zp_prefix_hit_tokens_total)
     below_threshold: bool  # even the busiest rank is under T: the gathers are not hidden (zp_steps_below_threshold_total)
 
 
-# A row joins a batch only if what it adds to the rank's padded FLOPs is at most 10x its own cost: one
-# 64-token hit must not make four 1,088-token misses attend over its 1,024-token past (the batch as a
-# whole would still pass min_efficiency, yet its step would take ~1.7x as long).
-_MIN_MARGINAL = 0.1
 # Balancing, evening out and topping up move a sequence to another rank only if it costs that rank at
 # most twice what it costs where it was routed: a 64-token hit moved as a 1,088-token miss takes 17x
 # the compute, evicts cached blocks there, and shortens no step (in a 16 x 16 shared-prefix burst such
@@ -205,77 +192,67 @@ class _Fill:
         self.sched, self.rank, self.cache = sched, rank, sched._caches[rank]
         self.batch: list[Sequence] = []
         self.hits: list[int] = []  # reused blocks per sequence
-        self.computing: set[bytes] = set()  # blocks this batch computes (and the rank caches after the step)
-        self.width = self.tokens = self.past = 0
+        self.present: set[bytes] = set()  # blocks of the batch's sequences: later rows reuse them in the step
+        self.tokens = 0
         self.flops = 0.0
         self.seq_flops: list[float] = []  # each sequence's FLOPs here, reuse subtracted
-        self.alone = 0.0  # what the rows would cost one by one: each padded to a multiple of 16, over its own past
-
-    @property
-    def padded_flops(self) -> float:
-        return len(self.batch) * self.sched._flops(self.width, self.past)
+        self.refused = False  # a sequence did not fit the token budget (step 3 then runs the step at once)
 
     @property
     def full(self) -> bool:
-        """At T, at the sequence budget, or no sequence can fit the padded-token budget any more (the
-        batch's width never shrinks)."""
+        """At T, at the sequence budget, or at the token budget."""
         s = self.sched.settings
-        return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or (len(self.batch) + 1) * self.width > s.max_tokens
+        return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or self.tokens >= s.max_tokens
 
-    def take(self, s: Sequence, widen: bool = True, cap: float | None = None) -> bool:
-        """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``widen=False``:
-        only if it fits the batch's shape so far (no wider suffix, no longer past). ``cap``: instead of
-        stopping at T, only while the padded FLOPs stay within ``cap``."""
+    def reuse(self, s: Sequence) -> int:
+        """Blocks ``s`` would reuse as the next row of this batch (``PrefixCache.reuse``: the rank's cache
+        before the step, or blocks of earlier rows)."""
+        n = 0
+        for h in s.block_hashes[: cacheable_blocks(len(s.ids))]:
+            if h not in self.cache and h not in self.present:
+                break
+            n += 1
+        return n
+
+    def cost(self, s: Sequence) -> float:
+        """``s``'s FLOPs as the next row of this batch."""
+        hit = self.reuse(s) * BLOCK
+        return self.sched._flops(len(s.ids) - hit, hit)
+
+    def take(self, s: Sequence, cap: float | None = None) -> bool:
+        """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``cap``: instead
+        of stopping at T, only while the batch's FLOPs stay within ``cap``."""
         if (cap is None and self.full) or len(self.batch) >= self.sched.settings.max_seqs:
             return False
-        n = len(s.ids)
-        limit = cacheable_blocks(n)
-        hit = self.cache.match(s.block_hashes, limit)
-        if hit < limit and s.block_hashes[hit] in self.computing:
-            return False  # a batch-mate computes its next block: one step later it reuses that instead
-        new = n - hit * BLOCK
-        if self.batch and not widen and (padded_len(new) > self.width or hit * BLOCK > self.past):
-            return False
-        width = max(self.width, padded_len(new))
-        if (len(self.batch) + 1) * width > self.sched.settings.max_tokens:
-            return False
-        past = max(self.past, hit * BLOCK)
-        alone = self.sched._flops(padded_len(new), hit * BLOCK)  # the row by itself: padded to 16, over its own past
-        padded = (len(self.batch) + 1) * self.sched._flops(width, past)
-        if self.batch and self.sched.settings.min_efficiency and (self.alone + alone < self.sched.settings.min_efficiency * padded
-                           or alone < _MIN_MARGINAL * (padded - self.padded_flops)):  # fmt: skip
-            return False  # it would cost the rank mostly padding: it waits for rows of its own shape
-        if cap is not None and padded > cap:
+        hit = self.reuse(s)
+        new = len(s.ids) - hit * BLOCK
+        if self.tokens + new > self.sched.settings.max_tokens:
+            self.refused = True
             return False
         flops = self.sched._flops(new, hit * BLOCK)
-        self.past, self.alone = past, self.alone + alone
+        if cap is not None and self.flops + flops > cap:
+            return False
         self.batch.append(s)
         self.hits.append(hit)
-        self.computing.update(s.block_hashes[hit:])
-        self.width, self.tokens = width, self.tokens + new
+        self.present.update(s.block_hashes)
+        self.tokens += new
         self.flops += flops
         self.seq_flops.append(flops)
         return True
 
     def take_all(self, seqs: list[Sequence], cap: float | None = None) -> list[Sequence]:
-        """Take ``seqs`` in order (``take``, with ``cap``), first those that fit the batch's shape so far,
-        then the rest; the ones passed over, in order. Rows of the head's shape or narrower go first, so
-        one wider row met early cannot shut out the many narrow rows queued behind it (each would then
-        cost its width)."""
-        for widen in (False, True):
-            rest = []
-            for i, s in enumerate(seqs):
-                if cap is None and self.full:
-                    rest += seqs[i:]
-                    break
-                if not self.take(s, widen, cap):
-                    rest.append(s)
-            seqs = rest
-        return seqs
+        """Take ``seqs`` in order (``take``, with ``cap``); the ones passed over, in order."""
+        rest = []
+        for i, s in enumerate(seqs):
+            if cap is None and self.full:
+                return rest + seqs[i:]
+            if not self.take(s, cap):
+                rest.append(s)
+        return rest
 
     def without(self, s: Sequence) -> _Fill | None:
         """This batch less ``s``, the rest taken again in order; None if one of them would then be passed
-        over (without a wide row, a narrow one may be mostly padding: min_efficiency)."""
+        over (rows that reused ``s``'s blocks in the step now compute them)."""
         out = _Fill(self.sched, self.rank)
         return out if all(out.take(x) for x in self.batch if x is not s) else None
 
@@ -285,22 +262,13 @@ class ThresholdScheduler:
     front end's prefix-cache views and admission by the saturation threshold.
 
     Each ``next_step``:
-    1. Every rank takes its own queue in arrival order until its FLOPs reach T or its sequence budget,
-       in two passes: first only the sequences that fit the batch's shape so far (no wider suffix, no
-       longer past than the head's), then the others. A sequence that would push the batch (batch x
-       padded width of the uncached tokens) over the padded-token budget is passed over for this step
-       and later ones may still fit. The head of every queue always runs, so a passed-over sequence
-       runs at the latest once all older ones have: it can be overtaken, never starved. A sequence is
-       also passed over for this step when
-       - a batch-mate computes the block after its cached prefix (it reuses that block next step instead
-         of computing it a second time: SGLang's in-batch prefix check), or
-       - its rows' own cost (one by one) would fall under ``min_efficiency`` x what the rank computes
-         for the batch (every row as wide as the widest suffix, attending over the longest past), or
-         it alone would add more than 10x its own cost to that.
-       If the head's batch stays under T while the hits passed over (rows reusing a prefix the rank
-       holds) would make a larger batch, those run instead; the head leads the rank's next batch (it is
-       passed over once). A lone miss at the head, which no hit may join, would otherwise cost the rank
-       a step's worth of hits.
+    1. Every rank takes its own queue in arrival order until its FLOPs reach T or a budget (sequences,
+       tokens computed). A sequence that would push the rank over its token budget is passed over for
+       this step and later ones may still fit; the head of every queue always runs, so a passed-over
+       sequence runs at the latest once all older ones have: it can be overtaken, never starved. A step
+       runs packed, so a sequence costs its true FLOPs whatever it is batched with, and a sequence
+       whose prefix an earlier row of the batch contains reuses it in the same step (a group's first
+       prompt and its followers run together; ``server/packed.py``).
     2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
        other ranks (those their own rank could not run this step), skipping any that do not fit, until
        it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
@@ -308,20 +276,17 @@ class ThresholdScheduler:
        here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
        where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a miss that computes its
        shared prefix again, which costs hit rate and cache space for little time.
-    3. Hold: if the busiest rank is under T, no rank is full by its token or sequence budget and the
-       oldest waiting sequence has waited less than max_wait_ms, every batch is returned empty and
-       ``wake_in`` says when to ask again. Sequences left over for other reasons (a batch-mate computes
-       their prefix, another shape) do not cancel the hold: at the start of a burst, the first arrival
-       would otherwise run alone while the rest of the burst is still arriving, its group's later
-       prompts waiting on its prefix.
+    3. Hold: if the busiest rank is under T, no rank is full by (or refused a sequence for) its token or
+       sequence budget and the oldest waiting sequence has waited less than max_wait_ms, every batch is
+       returned empty and ``wake_in`` says when to ask again. At the start of a burst the first arrival
+       would otherwise run alone while the rest of the burst is still arriving.
     4. Evening out: while moving one of the busiest rank's youngest sequences to the least-loaded rank
-       lowers the step's largest FLOPs (counting what it reuses where it lands, and only if both batches
-       still pass the checks of 1), it is moved. This trims the steps whose work fits under T on one
+       lowers the step's largest FLOPs (counting what it reuses where it lands, and what its batch-mates
+       lose if they reused its blocks), it is moved. This trims the steps whose work fits under T on one
        rank (light load, the tail of a burst), where 2 would move nothing.
     5. Topping up: the busiest rank sets the step's time, so every other rank takes more work (its own
-       passed-over sequences, then other ranks' oldest) while its padded FLOPs stay within the busiest
-       rank's. Filling to T stops at the first sequence that crosses it, and ranks cross it by
-       different amounts (four 1,088-token misses reach 1.18 T, 49 hits 1.00 T).
+       passed-over sequences, then other ranks' oldest) while its FLOPs stay within the busiest rank's.
+       Filling to T stops at the first sequence that crosses it, and ranks cross it by different amounts.
     6. Then the step is committed: the prefix-cache views are updated per rank in batch order,
        each sequence gets ``rank``, ``cached_tokens`` and its true ``flops``, and ``last_step`` describes
        the step. The step returned by the previous call is taken to have finished (the server's step
@@ -345,7 +310,6 @@ class ThresholdScheduler:
         self._running_flops = [0.0] * ranks
         self._running_tokens = [0] * ranks
         self._held_until: float | None = None
-        self._passed: set[Sequence] = set()  # queue heads passed over once by _own_batch
         self.last_step: StepInfo | None = None
 
     def _flops(self, new: int, cached: int) -> float:
@@ -354,7 +318,7 @@ class ThresholdScheduler:
     # ---- the Scheduler protocol ---------------------------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
         for s in seqs:
-            if padded_len(len(s.ids)) > self.settings.max_tokens:
+            if len(s.ids) > self.settings.max_tokens:
                 raise ValueError(f"a {len(s.ids)}-token sequence cannot fit a step of {self.settings.max_tokens} tokens per rank")
         now = self.clock()
         for s in seqs:
@@ -391,9 +355,8 @@ class ThresholdScheduler:
             return [[] for _ in range(R)]
         fills, left = [], []
         for r in range(R):
-            fill, rest = self._own_batch(r)
-            fills.append(fill)
-            left.append(rest)
+            fills.append(_Fill(self, r))
+            left.append(fills[r].take_all(self._hits_first(fills[r])))
         for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
             if fill.full:
                 continue
@@ -404,54 +367,34 @@ class ThresholdScheduler:
                 if self._cheap_on(s, fill) and fill.take(s):
                     left[s.rank].remove(s)
         oldest = min(self._since[next(iter(q))] for q in self._queues if q)  # queues are in arrival order
-        if max(f.flops for f in fills) < T and not any(f.full for f in fills) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
+        if max(f.flops for f in fills) < T and not any(f.full or f.refused for f in fills) and now - oldest < self.settings.max_wait_ms / 1e3 - _EPS_S:
             self._held_until = oldest + self.settings.max_wait_ms / 1e3
             return [[] for _ in range(R)]
         self._even_out(fills)
         self._top_up(fills, left)
         return self._commit(fills)
 
-    def _own_batch(self, r: int) -> tuple[_Fill, list[Sequence]]:
-        """Rank r's batch from its own queue (step 1) and the sequences it passed over. If the head's
-        batch stays under T while the hits it passed over (rows reusing a cached prefix: they compute
-        no new prefix, so they evict nothing hot) would make a larger one, that runs instead, once: a
-        head passed over this way leads the rank's next batch."""
-        queue = list(self._queues[r])
-        fill = _Fill(self, r)
-        rest = fill.take_all(queue)
-        head = queue[0] if queue else None
-        if fill.full or head in self._passed or not rest:
-            return fill, rest
-        hits = [s for s in rest if fill.cache.match(s.block_hashes, cacheable_blocks(len(s.ids)))]
-        other = _Fill(self, r)
-        other.take_all(hits)
-        if other.flops <= fill.flops:
-            return fill, rest
-        self._passed.add(head)
-        taken = set(other.batch)
-        return other, [s for s in queue if s not in taken]
-
-    def _cost_on(self, s: Sequence, fill: _Fill) -> float:
-        """``s``'s FLOPs on ``fill``'s rank: its tokens after the prefix that rank's cache holds."""
-        n = len(s.ids)
-        hit = fill.cache.match(s.block_hashes, cacheable_blocks(n)) * BLOCK
-        return self._flops(n - hit, hit)
+    def _hits_first(self, fill: _Fill) -> list[Sequence]:
+        """Rank ``fill.rank``'s queue in the order step 1 takes it: the head, then the sequences that
+        reuse blocks the rank's cache holds (in arrival order), then the rest (in arrival order)."""
+        queue = list(self._queues[fill.rank])
+        hits = [s for s in queue[1:] if fill.reuse(s)]
+        taken = set(hits)
+        return queue[:1] + hits + [s for s in queue[1:] if s not in taken]
 
     def _cheap_on(self, s: Sequence, fill: _Fill) -> bool:
         """Whether ``s`` costs ``fill``'s rank at most twice what it was to cost on its own rank (the
         estimate at routing, which counts the blocks queued there)."""
-        return self._cost_on(s, fill) <= _MAX_MOVE_COST * self._estimate[s][0]
+        return fill.cost(s) <= _MAX_MOVE_COST * self._estimate[s][0]
 
     def _top_up(self, fills: list[_Fill], left: list[list[Sequence]], scan: int = 512) -> None:
         """Step 5 of ``ThresholdScheduler``: the busiest rank sets the step's time, so every other rank
-        takes more work while its padded FLOPs stay within the busiest rank's: its own passed-over
-        sequences first, then the oldest of other ranks' (at most ``scan`` of each), the head's shape
-        first. A rank filled to T by rows cheaper than the busiest rank's last one ends the step short of
-        it (49 hits at 1.00 T beside four misses at 1.18 T): that gap is free to fill."""
-        level = max(f.padded_flops for f in fills)
+        takes more work while its FLOPs stay within the busiest rank's: its own passed-over sequences
+        first, then the oldest of other ranks' (at most ``scan`` of each)."""
+        level = max(f.flops for f in fills)
         taken: set[Sequence] = set()
-        for fill in sorted(fills, key=lambda f: (f.padded_flops, f.rank)):
-            if fill.padded_flops >= level:
+        for fill in sorted(fills, key=lambda f: (f.flops, f.rank)):
+            if fill.flops >= level:
                 continue  # the busiest rank: any row would raise the level
             others = sorted((s for r in range(self.ranks) if r != fill.rank for s in left[r]), key=self._since.__getitem__)
             for seqs, own in ((left[fill.rank], True), (others, False)):
@@ -461,16 +404,22 @@ class ThresholdScheduler:
     def _even_out(self, fills: list[_Fill], candidates: int = 16) -> None:
         """Step 4 of ``ThresholdScheduler``: while moving one of the busiest rank's ``candidates``
         youngest sequences to the least-loaded rank lowers the step's largest FLOPs (counting what the
-        sequence reuses where it lands), move it. Lockstep: the busiest rank sets every rank's step time."""
+        sequence reuses where it lands, and its batch-mates' FLOPs once it is gone), and costs the least
+        loaded rank at most twice what it saves the busiest, move it. Lockstep: the busiest rank sets
+        every rank's step time."""
         for _ in range(sum(len(f.batch) for f in fills)):
             busiest = max(fills, key=lambda f: (f.flops, -f.rank))
             least = min(fills, key=lambda f: (f.flops, f.rank))
-            for s, here in list(zip(busiest.batch, busiest.seq_flops))[::-1][:candidates]:
-                there = self._cost_on(s, least)
-                if there > _MAX_MOVE_COST * here or max(busiest.flops - here, least.flops + there) >= busiest.flops:
+            for s in busiest.batch[::-1][:candidates]:
+                there = least.cost(s)
+                if least.flops + there >= busiest.flops:
                     continue
                 rest = busiest.without(s)
-                if rest is not None and least.take(s):
+                # What the move saves the busiest rank: s's own FLOPs, less what batch-mates that
+                # reused its blocks in the step now compute themselves.
+                if rest is None or there > _MAX_MOVE_COST * (busiest.flops - rest.flops):
+                    continue
+                if least.take(s):
                     fills[busiest.rank] = rest
                     break
             else:
@@ -519,7 +468,6 @@ class ThresholdScheduler:
     def _dequeue(self, s: Sequence) -> None:
         r = s.rank
         del self._queues[r][s], self._since[s]
-        self._passed.discard(s)
         flops, tokens = self._estimate.pop(s)
         self._queued_flops[r] -= flops
         self._queued_tokens[r] -= tokens
@@ -544,7 +492,7 @@ class ThresholdScheduler:
         self._running_flops = [f.flops for f in fills]
         self._running_tokens = [f.tokens for f in fills]
         below = max(self._running_flops) < self.settings.threshold_flops
-        self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, [f.padded_flops for f in fills], below)
+        self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, below)
         return [f.batch for f in fills]
 
 
@@ -571,7 +519,7 @@ class ReplayResult:
 def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, settings: RouterSettings,
            flops_per_s: float, gather_s: float = 0.0) -> ReplayResult:  # fmt: skip
     """Run ``ThresholdScheduler`` over ``trace`` ((arrival seconds, token ids), any order) with a step
-    time of max over ranks of the step's padded FLOPs (what the ranks compute) / ``flops_per_s``, and
+    time of max over ranks of the step's FLOPs (packed: what the ranks compute) / ``flops_per_s``, and
     at least ``gather_s`` (the exposed expert gather of a step under T; 0: compute only). No model, no
     server."""
     if flops_per_s <= 0:
@@ -591,7 +539,7 @@ def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, se
         batches = sched.next_step()
         if any(batches):
             info = sched.last_step
-            now += max(max(info.padded_flops) / flops_per_s, gather_s)
+            now += max(max(info.flops) / flops_per_s, gather_s)
             steps += 1
             below += info.below_threshold
             imbalance += max(info.flops) * ranks / sum(info.flops) if sum(info.flops) else 1.0

@@ -95,17 +95,17 @@ def sample_token(logits_V: torch.Tensor, sample: dict) -> int:
 def score(model, seqs: list[dict], pad_id: int, device: torch.device, kv=None) -> list[dict]:
     """Run one step's batch on this rank. An empty batch still takes part in the step's gathers.
 
-    ``kv``: the rank's ``kv_cache.RankKVCache``. With a budget, each sequence computes only the tokens
-    after its cached prefix; without one (None, or budget 0: KV-cache-free) the plain forward runs.
+    ``kv``: the rank's ``kv_cache.RankKVCache`` (its model switched to packed attention,
+    ``packed.enable``): the step runs packed, each sequence computing only the tokens after its reused
+    prefix (cached, or computed by a batch-mate; budget 0, KV-cache-free, keeps nothing between steps).
+    None: a plain left-padded batch.
     """
     with torch.inference_mode():
         if not seqs:
             model(input_ids=torch.zeros((0, 1), dtype=torch.long, device=device))
             return []
-        if kv is not None and kv.enabled:
-            return readouts(kv.forward(model, seqs, pad_id, device), seqs)
         if kv is not None:
-            kv.lookup(seqs)  # nothing is cached: only checks that the front end counted nothing either
+            return readouts(kv.forward(model, seqs, pad_id, device), seqs)
         batch = {k: v.to(device) for k, v in batch_inputs([s["ids"] for s in seqs], pad_id).items()}
         logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # [B, V]
         return readouts(logits, seqs)
@@ -162,16 +162,20 @@ def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> Non
 
 
 def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[int]]:
-    """The rows of a warm-up step of ``max_tokens`` tokens (none under 2 rows, so B > 1 as in the
-    serving graph): rows of up to 256 tokens that leave ``spare`` of the model's positions free."""
+    """The rows of a warm-up step of ``max_tokens`` tokens in all (none under 2 rows, so B > 1 as in the
+    serving graph): rows of up to 256 tokens that leave ``spare`` of the model's positions free, the
+    last one shorter if 256 does not divide ``max_tokens``."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 256
     width = min(256, (positions - spare) // PAD_MULTIPLE * PAD_MULTIPLE)
-    rows = max_tokens // width if width > 0 else 0
-    return [torch.arange(5, 5 + width).remainder(vocab).tolist()] * rows if rows >= 2 else []
+    if width <= 0 or max_tokens < 2 * width:
+        return []
+    lengths = [width] * (max_tokens // width) + ([max_tokens % width] if max_tokens % width else [])
+    # Rows that differ from their first block on: a packed step would share identical prefixes.
+    return [torch.arange(5 + i, 5 + i + n).remainder(vocab).tolist() for i, n in enumerate(lengths)]
 
 
 def serve(address: str) -> None:
-    from . import kv_cache  # here, not at the top: kv_cache imports this module's batch_inputs
+    from . import kv_cache, packed  # here, not at the top: kv_cache imports this module's helpers
 
     store = connect(address)
     prefix = f"g{int(store.get('generation'))}"
@@ -194,12 +198,16 @@ def serve(address: str) -> None:
         settings["transport"] = resolve_transport(settings.get("transport", "auto"), device, world, local)
         model = _load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
-        kv = kv_cache.RankKVCache(settings.get("cache_tokens") or 0)
-        max_tokens = settings.get("max_tokens") or 0
-        if kv.enabled:
-            kv_cache.warm_up(model, device, vocab, max_tokens)  # the cached path's graphs (the plain ones go unused)
-        else:
+        budget, max_tokens = settings.get("cache_tokens") or 0, settings.get("max_tokens") or 0
+        if (reason := packed.unsupported(model)) is None:
+            packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
+            # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
+            kv = kv_cache.RankKVCache(budget)
+            kv_cache.warm_up(model, device, vocab, max_tokens)
+        elif budget:
+            raise ValueError(f"{reason}: prefix KV reuse cannot serve it; use --cache-tokens 0")
+        else:  # left-padded batches (a routing policy's FLOPs then leave out the padding)
+            kv = None
             warm_up(model, device, vocab, max_tokens)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device),
                 "transport": settings["transport"]}  # fmt: skip
