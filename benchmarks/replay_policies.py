@@ -3,7 +3,7 @@
     python benchmarks/replay_policies.py [--ranks 2,4] [--cache-tokens 8192] [--threshold-tokens 4096]
 
 A quick comparison only: the figures to report come from the real server. The cost model
-(``zp_compile.server.routing.replay``): a step takes max over ranks of its padded FLOPs / F, and at least the
+(``zp_compile.server.routing.replay``): a step takes max over ranks of its FLOPs (packed: what the rank computes) / F, and at least the
 exposed expert gather t = T / (gamma F) (T = t_gather F gamma, the paper's rule, so a step under T is
 gather-bound); ``--no-gather-floor`` drops that floor (compute only).
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--cache-tokens", type=int, default=8192, help="prefix-cache budget per rank")
     ap.add_argument("--threshold-tokens", type=int, default=4096)
     ap.add_argument("--flops-per-s", type=float, default=50e9)
-    ap.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per rank per step")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="tokens computed per rank per step")
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--load", type=float, default=0.5, help="poisson arrivals: share of the ideal sustainable rate")
     ap.add_argument("--no-gather-floor", action="store_true")
@@ -79,7 +79,7 @@ def main() -> None:
     floor = 0.0 if args.no_gather_floor else T / (GAMMA * F)
     traces = {"shared": shared_prefix_trace(), "random": [r.token_ids for r in random_prompts(512, 1088, vocab=SPEC.vocab)]}
     print(f"model {SPEC.name}; T = {T / 1e9:.1f} GFLOP per rank per step ({args.threshold_tokens} tokens); F = {F / 1e9:g} GFLOP/s per rank; "
-          f"step >= {floor:.2f} s; cache {args.cache_tokens} tokens per rank; max {args.max_tokens} padded tokens per rank; "
+          f"step >= {floor:.2f} s; cache {args.cache_tokens} tokens per rank; max {args.max_tokens} tokens per rank; "
           f"max wait {args.max_wait_ms:g} ms")  # fmt: skip
     head = "| trace | ranks | arrivals | policy | tok/s | hit rate | FLOPs max/mean | steps < T | steps | mean latency s |"
     print(head)

@@ -16,8 +16,8 @@ A step runs as ONE packed forward (``assemble``; the kernel is ``server/packed.p
         prefix sharing), then its own new tokens
     logits_to_keep [B]:   the index of every row's last token
 
-Twenty rows that share a 1,024-token cached prefix thus attend over one copy of it, and a group's first
-prompt and its followers can run in the same step. Tensors that would be size 1 are padded to 2 (a
+Twenty rows that share a 1,024-token cached prefix thus bring one copy of it into the step (the kernel
+still reads it once per row), and a group's first prompt and its followers can run in the same step. Tensors that would be size 1 are padded to 2 (a
 spare row, range and logits index; a spare pad token when L = 1): dynamo specialises sizes 0 and 1, and
 each specialisation is another graph to compile while serving.
 
@@ -48,8 +48,8 @@ class CacheViewMismatch(RuntimeError):
 class RankKVCache:
     """Per-block keys and values for the hashes a ``PrefixCache`` of ``budget_tokens`` holds.
 
-    ``budget_tokens`` 0 is the KV-cache-free mode: nothing is looked up or kept, and the worker runs its
-    plain forward (``use_cache=False``).
+    ``budget_tokens`` 0 is the KV-cache-free mode: nothing is kept between steps; a step still runs
+    packed, and its rows still read prefixes that earlier rows of the same step compute.
     """
 
     def __init__(self, budget_tokens: int):
@@ -105,7 +105,8 @@ class RankKVCache:
         """One step's non-empty batch, packed, with prefix reuse: next-token logits [B, V]. Inserts and
         evicts after the forward (rule 5): the reused blocks' KV is read before anything is freed, and a
         forward that raises leaves the cache as it was. Lookup, assembly and commit are host code outside
-        the compiled region, with no host-device sync (on a GPU the copies are only enqueued)."""
+        the compiled region; the step's inputs (token ids, positions, the reused KV) are copied to the device
+        once per step."""
         hashes, reuse = self.lookup(seqs)
         inputs, computed = self.assemble(model, seqs, hashes, reuse, pad_id, device)
         out = model(**inputs, use_cache=True)
@@ -160,21 +161,35 @@ class RankKVCache:
             for layer in range(held[0][0].shape[0]):
                 cache.update(torch.cat([k[layer] for k, _ in held], dim=-2)[None].to(device),
                              torch.cat([v[layer] for _, v in held], dim=-2)[None].to(device), layer)  # fmt: skip
+                for t in (cache.layers[layer].keys, cache.layers[layer].values):
+                    _static(t, 1, 3)  # heads and head dim: model constants, not sizes that vary with the step
         # P = 0: an empty cache object all the same (see the module docstring on lockstep).
+        rows_t, ranges_t = torch.tensor(rows, dtype=torch.long), torch.tensor(ranges, dtype=torch.long)
+        _static(rows_t, 1)
+        _static(ranges_t, 1)
         inputs = {
             "input_ids": torch.tensor([ids], dtype=torch.long, device=device),
             "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
             "attention_mask": no_mask(device),
             "cache": cache,
             "logits_to_keep": torch.tensor(last, dtype=torch.long, device=device),
-            "zp_rows": torch.tensor(rows, dtype=torch.long),  # host tensors: the kernel loops over them
-            "zp_ranges": torch.tensor(ranges, dtype=torch.long),
+            "zp_rows": rows_t,  # host tensors: the kernel loops over them
+            "zp_ranges": ranges_t,
         }
         return inputs, {h: P + start for h, start in computed.items()}
 
     def commit(self, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache) -> None:
-        """After the forward: ``PrefixCache.step`` (rule 4), free evicted blocks' KV, keep the KV of blocks
-        it inserted, copied out of the forward's cache ``[1, Hkv, P + L, D]`` per layer at ``computed``."""
+        """After the forward: copy out the KV of the blocks the step computed (``computed``: where their
+        keys start in the forward's cache ``[1, Hkv, P + L, D]``), then ``PrefixCache.step`` (rule 4), and
+        keep the KV of exactly the blocks it holds. Copying first: a copy that fails (memory) leaves the
+        block set and the KV as they were."""
+        new = {}
+        if self.enabled:
+            layers = cache.layers
+            for h, at in computed.items():
+                if h not in self._kv:
+                    new[h] = (torch.stack([layer.keys[0, :, at : at + BLOCK] for layer in layers]),  # [L, Hkv, 16, Dk], a copy
+                              torch.stack([layer.values[0, :, at : at + BLOCK] for layer in layers]))  # fmt: skip
         limits = [cacheable_blocks(len(s["ids"])) for s in seqs]
         hits, evicted = self.blocks.step(hashes, limits)
         if [h * BLOCK for h in hits] != reuse:
@@ -182,15 +197,7 @@ class RankKVCache:
         for h in evicted:
             if h not in self.blocks:  # an evicted block re-inserted later in the same step keeps its KV
                 self._kv.pop(h, None)
-        if not self.enabled:
-            return
-        layers = cache.layers
-        for h, at in computed.items():
-            if h in self._kv or h not in self.blocks:
-                continue
-            keys = torch.stack([layer.keys[0, :, at : at + BLOCK] for layer in layers])  # [L, Hkv, 16, Dk], a copy
-            values = torch.stack([layer.values[0, :, at : at + BLOCK] for layer in layers])
-            self._kv[h] = (keys, values)
+        self._kv.update((h, kv) for h, kv in new.items() if h in self.blocks)
 
     def _check_model(self, model) -> None:
         """A packed step needs the packed attention (``packed.enable``; any other implementation would
@@ -208,6 +215,14 @@ class RankKVCache:
             self._checked = type(model)
 
 
+def _static(t: torch.Tensor, *dims: int) -> None:
+    """Compile ``t``'s ``dims`` as constants. The model compiles with ``dynamic=True``, and dynamo gives
+    sizes equal at trace time one symbol (duck sizing): a past of 64 tokens traced beside a head dim of
+    64 would pin the past to 64 tokens, and every other past would recompile while serving."""
+    for d in dims:
+        torch._dynamo.mark_static(t, d)
+
+
 def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
     """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
     and steps of ``max_tokens`` new tokens (``worker.warm_up`` says why). Uses a scratch cache, so the
@@ -215,20 +230,25 @@ def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> Non
     gathers in the same order.
 
     Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
-    the first time they differ: the warm-up steps keep every size apart (L new tokens, P past tokens, B
-    rows, R key ranges, and the 4 and 2 columns of rows and ranges)."""
+    the first time they differ: the warm-up steps keep the sizes that vary apart (L new tokens, P past
+    tokens, B rows, R key ranges); the model's own sizes in the inputs (the past's heads and head dim,
+    the columns of rows and ranges) are compiled as constants (``_static``)."""
     def row(seed: int, n: int) -> list[int]:
         return torch.arange(seed, seed + n).remainder(vocab).tolist()
 
     scratch = RankKVCache(16 * BLOCK)
     a, b, c, d, e, f = (row(3 + 11 * i, 50) for i in range(6))
-    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 194.
+    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 192.
     score(model, [{"ids": r, "top": 1} for r in (a[:48], a[:43], b[:48], c[:40], d[:45])], 0, device, scratch)
     # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
     score(model, [{"ids": r, "top": 1} for r in (a[:40], b[:45], e, e[:35], f[:30])], 0, device, scratch)
-    if rows := largest_step(model, max_tokens, vocab, spare=32):  # L = max_tokens with P = 0, then P = 32
+    if rows := largest_step(model, max_tokens, vocab, spare=64):
+        # L = max_tokens + 1 (past Inductor's guard whenever max_tokens is), with P = 0, then P > 0. One
+        # extra row reads another's first block(s), so R != B, as in serving steps with shared prefixes.
+        B = len(rows) + 1
         scratch = RankKVCache(16 * BLOCK)  # empty: none of these rows may reuse the blocks above
-        score(model, [{"ids": r, "top": 1} for r in rows], 0, device, scratch)
-        base = row(900, 33)
-        score(model, [{"ids": base, "top": 1}], 0, device, scratch)  # caches base's 2 blocks, inserted last
-        score(model, [{"ids": base[:32] + r, "top": 1} for r in rows], 0, device, scratch)
+        score(model, [{"ids": r, "top": 1} for r in rows + [rows[0][:BLOCK] + [7]]], 0, device, scratch)  # R = B + 1
+        P = next(p for p in (48, 64, 80) if p not in (B, 2 * B))
+        base = row(900, P + 1)
+        score(model, [{"ids": base, "top": 1}], 0, device, scratch)  # caches base's P // 16 blocks, inserted last
+        score(model, [{"ids": base[:P] + r, "top": 1} for r in rows + [[9]]], 0, device, scratch)  # R = 2B

@@ -45,7 +45,7 @@ class RankSettings:
     threads: int | None = None
     measure_threshold: bool = False  # ranks measure T at start-up (threshold.saturation_threshold)
     cache_tokens: int = 0  # each rank's prefix KV cache budget (server/kv_cache.py); 0: KV-cache-free
-    max_tokens: int = 0  # the largest step the front end sends a rank (padded tokens): compiled at warm-up
+    max_tokens: int = 0  # the largest step the front end sends a rank (tokens, ServeSettings.max_tokens_per_rank): compiled at warm-up
 
 
 class Ranks:

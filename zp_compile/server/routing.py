@@ -455,7 +455,7 @@ class ThresholdScheduler:
         for r in range(self.ranks):
             cache, pending = self._caches[r], self._pending[r]
             m = 0
-            if cache.capacity:  # a rank without a cache reuses nothing
+            if cache.capacity:  # a rank without a cache keeps nothing between steps
                 for h in s.block_hashes[:limit]:
                     if h not in cache and h not in pending:
                         break
