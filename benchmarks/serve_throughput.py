@@ -54,7 +54,7 @@ def offline_rank(args) -> None:
 
     from zp_compile.server.ranks import RankSettings
     from zp_compile.server.scheduler import FifoScheduler, Sequence
-    from zp_compile.server.worker import _load, score, warm_up
+    from zp_compile.server.worker import _load, prepare, score
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -62,7 +62,7 @@ def offline_rank(args) -> None:
     settings = RankSettings(model=args.model, ranks=world, backend=args.backend, transport=args.transport, dtype="bfloat16")
     model = _load(vars(settings) | {"prefetch": 1}, torch.device("cpu"))
     vocab = model.get_output_embeddings().weight.shape[0]
-    warm_up(model, torch.device("cpu"), vocab, args.max_tokens_per_rank)  # as a serving rank does
+    kv = prepare(model, torch.device("cpu"), vocab, 0, args.max_tokens_per_rank)  # as a serving rank does: packed steps
     label_ids = args.label_ids
     scheduler = FifoScheduler(world, args.max_tokens_per_rank)
     scheduler.add([Sequence(ids, {"tokens": label_ids}, None) for ids in requests(args.requests, args.length, vocab)])
@@ -72,7 +72,7 @@ def offline_rank(args) -> None:
     dist.barrier()
     start = time.perf_counter()
     for batches in steps:
-        score(model, [s.payload() for s in batches[rank]], 0, torch.device("cpu"))
+        score(model, [s.payload() for s in batches[rank]], 0, torch.device("cpu"), kv)
     dist.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:

@@ -174,8 +174,24 @@ def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[lis
     return [torch.arange(5 + i, 5 + i + n).remainder(vocab).tolist() for i, n in enumerate(lengths)]
 
 
-def serve(address: str) -> None:
+def prepare(model, device: torch.device, vocab: int, cache_tokens: int, max_tokens: int):
+    """Make a loaded rank ready to serve: packed steps (``packed.enable``) and their warm-up, and the
+    rank's prefix KV cache of ``cache_tokens`` (the front end keeps its view with the same budget,
+    server/prefix.py), returned for ``score``. A model that cannot run packed (sliding-window cache
+    layers) gets left-padded batches and None, and cannot keep a cache."""
     from . import kv_cache, packed  # here, not at the top: kv_cache imports this module's helpers
+
+    if (reason := packed.unsupported(model)) is None:
+        packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
+        kv_cache.warm_up(model, device, vocab, max_tokens)
+        return kv_cache.RankKVCache(cache_tokens)
+    if cache_tokens:
+        raise ValueError(f"{reason}: prefix KV reuse cannot serve it; use --cache-tokens 0")
+    warm_up(model, device, vocab, max_tokens)  # left-padded batches (a routing policy's FLOPs then leave out the padding)
+    return None
+
+
+def serve(address: str) -> None:
 
     store = connect(address)
     prefix = f"g{int(store.get('generation'))}"
@@ -198,17 +214,7 @@ def serve(address: str) -> None:
         settings["transport"] = resolve_transport(settings.get("transport", "auto"), device, world, local)
         model = _load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        budget, max_tokens = settings.get("cache_tokens") or 0, settings.get("max_tokens") or 0
-        if (reason := packed.unsupported(model)) is None:
-            packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
-            # The rank's prefix KV cache; the front end keeps its view with the same budget (server/prefix.py).
-            kv = kv_cache.RankKVCache(budget)
-            kv_cache.warm_up(model, device, vocab, max_tokens)
-        elif budget:
-            raise ValueError(f"{reason}: prefix KV reuse cannot serve it; use --cache-tokens 0")
-        else:  # left-padded batches (a routing policy's FLOPs then leave out the padding)
-            kv = None
-            warm_up(model, device, vocab, max_tokens)
+        kv = prepare(model, device, vocab, settings.get("cache_tokens") or 0, settings.get("max_tokens") or 0)
         info = {"vocab": vocab, "expert_bytes": model.zero_prefill.expert_bytes, "device": str(device),
                 "transport": settings["transport"]}  # fmt: skip
         if settings.get("measure_threshold"):  # collective: every rank measures, all get the same T
