@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import struct
+from collections.abc import Container
 
 BLOCK = 16  # tokens per cache block; equal to the worker's PAD_MULTIPLE, so padded widths stay whole blocks
 
@@ -96,11 +97,12 @@ class PrefixCache:
     def tokens(self) -> int:
         return len(self._tick) * self.block
 
-    def match(self, hashes: list[bytes], limit: int | None = None) -> int:
-        """Leading blocks of ``hashes`` (at most ``limit``) held now, in blocks. Changes nothing."""
+    def match(self, hashes: list[bytes], limit: int | None = None, also: Container[bytes] = ()) -> int:
+        """Leading blocks of ``hashes`` (at most ``limit``) each held now or in ``also`` (blocks that will be
+        there: a batch's earlier rows, queued sequences), in blocks. Changes nothing."""
         n = 0
         for h in hashes[: len(hashes) if limit is None else limit]:
-            if h not in self._tick:
+            if h not in self._tick and h not in also:
                 break
             n += 1
         return n
@@ -108,14 +110,10 @@ class PrefixCache:
     def reuse(self, batch: list[list[bytes]], limits: list[int]) -> list[int]:
         """Rule 4's lookup for one rank's batch, in blocks per sequence: leading blocks (at most
         ``limits[i]``) each held now or contained in an earlier sequence of ``batch``. Changes nothing."""
-        hits, present = [], set()
+        hits: list[int] = []
+        present: set[bytes] = set()
         for hashes, limit in zip(batch, limits):
-            n = 0
-            for h in hashes[:limit]:
-                if h not in self._tick and h not in present:
-                    break
-                n += 1
-            hits.append(n)
+            hits.append(self.match(hashes, limit, present))
             present.update(hashes)
         return hits
 

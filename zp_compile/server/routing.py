@@ -207,12 +207,7 @@ class _Fill:
     def reuse(self, s: Sequence) -> int:
         """Blocks ``s`` would reuse as the next row of this batch (``PrefixCache.reuse``: the rank's cache
         before the step, or blocks of earlier rows)."""
-        n = 0
-        for h in s.block_hashes[: cacheable_blocks(len(s.ids))]:
-            if h not in self.cache and h not in self.present:
-                break
-            n += 1
-        return n
+        return self.cache.match(s.block_hashes, cacheable_blocks(len(s.ids)), self.present)
 
     def cost(self, s: Sequence) -> float:
         """``s``'s FLOPs as the next row of this batch."""
@@ -454,13 +449,8 @@ class ThresholdScheduler:
         out = []
         for r in range(self.ranks):
             cache, pending = self._caches[r], self._pending[r]
-            m = 0
-            if cache.capacity:  # a rank without a cache keeps nothing between steps
-                for h in s.block_hashes[:limit]:
-                    if h not in cache and h not in pending:
-                        break
-                    m += 1
-            matched = m * BLOCK
+            # A rank without a cache keeps nothing between steps: nothing to follow there.
+            matched = cache.match(s.block_hashes, limit, pending) * BLOCK if cache.capacity else 0
             out.append(RankView(matched, self._flops(n - matched, matched), self._queued_flops[r] + self._running_flops[r],
                                 self._queued_tokens[r] + self._running_tokens[r], cache.tokens + BLOCK * len(pending)))  # fmt: skip
         return out
