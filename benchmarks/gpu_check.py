@@ -8,7 +8,7 @@ The model: Qwen3-30B-A3B's published config (hidden 2048, 128 experts top-8, exp
 4 KV heads of 128, vocab 151,936) cut to ``--layers`` of its 48 layers (default 4), built directly on the
 device from a transformers ``Qwen3MoeConfig`` with random weights (std 0.02, as the real initializer): no
 checkpoint. The full vocabulary is kept; every forward passes ``logits_to_keep=1`` (prefill-only serving
-reads one position), so the lm_head costs one position per sequence, as ``planner.flops_per_request``
+reads one position), so the lm_head costs one position per sequence, as ``costmodel.flops.flops_per_request``
 counts it.
 
 What is compared, on the same model object and the same token ids:
@@ -23,7 +23,7 @@ in tokens per GPU per step; the sweep is ``--fractions`` of it (default 1/4, 1/2
 of ``--context`` tokens (default 2048). The sequence length is fixed and only the batch dimension varies,
 marked dynamic, so Inductor compiles once for every size (``--static`` compiles once per size instead).
 
-Useful FLOPs per step are ``planner.flops_per_request`` of this stack's config (2 x active parameters per
+Useful FLOPs per step are ``costmodel.flops.flops_per_request`` of this stack's config (2 x active parameters per
 token + causal attention scores/values + lm_head at one position) times the sequences; MFU divides them by
 the step time and the H200's dense bf16 peak, 989 TFLOP/s (the CPU dry run: a measured matmul rate).
 
@@ -52,8 +52,8 @@ from pathlib import Path
 # GPU machine's CUDA build is used as it is (zp_compile.backend also runs on torch < 2.13).
 REQUIREMENTS = ("transformers>=5.24,<6", "accelerate>=1.10", "safetensors>=0.6")
 
-H200_BF16_PEAK = 989e12  # dense, no 2:4 sparsity: zp_compile.planner.HARDWARE["h200-bf16"]
-REFERENCE_MODEL = "qwen3-30b-a3b"  # zp_compile.planner.MODELS key
+H200_BF16_PEAK = 989e12  # dense, no 2:4 sparsity: zp_compile.costmodel.hardware.HARDWARE["h200-bf16"]
+REFERENCE_MODEL = "qwen3-30b-a3b"  # zp_compile.costmodel.spec.MODELS key
 GIB = 2**30
 
 
@@ -115,13 +115,13 @@ def build_config(args):
 
 
 def check_shape(config, layers: int) -> None:
-    """The stack is Qwen3-30B-A3B but for its depth (planner.MODELS holds the published config)."""
+    """The stack is Qwen3-30B-A3B but for its depth (costmodel.spec.MODELS holds the published config)."""
     from dataclasses import replace
 
-    from zp_compile import planner
+    from zp_compile.costmodel import spec
 
-    got = planner.spec_from_config(config, name="stack")
-    want = replace(planner.MODELS[REFERENCE_MODEL], name="stack", layers=layers, moe_layers=tuple(range(layers)))
+    got = spec.spec_from_config(config, name="stack")
+    want = replace(spec.MODELS[REFERENCE_MODEL], name="stack", layers=layers, moe_layers=tuple(range(layers)))
     if got != want:
         raise AssertionError(f"stack is not Qwen3-30B-A3B-shaped:\n  built  {got}\n  wanted {want}")
 
@@ -141,10 +141,10 @@ def build_model(config, device):
 
 def threshold():
     """T* of the full Qwen3-30B-A3B on 8 x H200 bf16 over NVLink, 2048-token requests (planner defaults)."""
-    from zp_compile import planner
+    from zp_compile.costmodel import hardware, planning, spec
 
-    m, hw = planner.MODELS[REFERENCE_MODEL], planner.HARDWARE["h200-bf16"]
-    return planner.saturation_threshold(m, hw, planner.PlanSettings(gpus=8, context=2048))
+    m, hw = spec.MODELS[REFERENCE_MODEL], hardware.HARDWARE["h200-bf16"]
+    return planning.predict_threshold(m, hw, planning.PlanSettings(gpus=8, context=2048))
 
 
 def batch_sizes(tstar_tokens: float, fractions: list[float], context: int, max_tokens: int) -> list[tuple[float, int]]:
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"no CUDA device visible to torch {torch.__version__} (use --device cpu --tiny for a dry run)")
     import zp_compile
-    from zp_compile import planner
+    from zp_compile.costmodel import flops, spec
 
     context = args.context or (32 if args.tiny else 2048)
     th = threshold()
@@ -339,8 +339,8 @@ def main(argv=None) -> int:
     config = build_config(args)
     if not args.tiny:
         check_shape(config, args.layers)
-    spec = planner.spec_from_config(config, name="stack")
-    flops_per_seq = planner.flops_per_request(spec, context)  # lm_head at one position: logits_to_keep=1
+    spec = spec.spec_from_config(config, name="stack")
+    flops_per_seq = flops.flops_per_request(spec, context)  # lm_head at one position: logits_to_keep=1
 
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

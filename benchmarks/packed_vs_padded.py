@@ -31,20 +31,23 @@ def main() -> None:
     import torch.distributed as dist
 
     from throughput import build_checkpoint
-    from zp_compile.server.worker import _load, prepare, score, warm_up
+    from zp_compile.contract import RankSettings, Seq, Wants
+    from zp_compile.rank.step import run_step
+    from zp_compile.rank.warmup import prepare, warm_up_padded
+    from zp_compile.rank.worker import load
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
-    settings = {"model": str(build_checkpoint()), "dtype": "bfloat16", "prefetch": 1, "backend": "inductor", "transport": "shm"}
-    model = _load(settings, cpu)
+    settings = RankSettings(model=str(build_checkpoint()), ranks=world, dtype="bfloat16", transport="shm")
+    model = load(settings, cpu)
     vocab = model.get_output_embeddings().weight.shape[0]
     step_tokens = args.rows * args.length
     # Packed attention first: switching a model's attention implementation recompiles the graphs traced
     # before (their guards read it). A padded batch then runs transformers' SDPA path through it.
     kv = prepare(model, cpu, vocab, 0, step_tokens)  # the packed path's graphs; nothing kept between steps
-    warm_up(model, cpu, vocab, step_tokens)  # the padded path's graphs
+    warm_up_padded(model, cpu, vocab, step_tokens)  # the padded path's graphs
     g = torch.Generator().manual_seed(rank)
     steps = [[torch.randint(3, vocab, (args.length,), generator=g).tolist() for _ in range(args.rows)] for _ in range(args.steps)]
     figures: dict[str, list[float]] = {"padded": [], "packed": []}
@@ -53,7 +56,7 @@ def main() -> None:
             dist.barrier()
             start = time.perf_counter()
             for rows in steps:
-                score(model, [{"ids": r, "tokens": [1, 2]} for r in rows], 0, cpu, cache)
+                run_step(model, [Seq(r, Wants(tokens=[1, 2])) for r in rows], cpu, cache)
             dist.barrier()
             figures[name].append(args.steps * step_tokens * world / (time.perf_counter() - start))
     if rank == 0:

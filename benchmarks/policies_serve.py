@@ -4,7 +4,7 @@
 
 For each policy (``--policies``), ``zp-compile serve`` is started on the benchmark checkpoint (82M
 Qwen3-MoE shape, bf16, Inductor, ``--transport shm``, 2 ranks, each rank's prefix KV cache
-``--cache-tokens``), then the traces of ``zp_compile.bench_serve`` are sent to it, each after a short
+``--cache-tokens``), then the traces of ``zp_compile.tools.bench_serve`` are sent to it, each after a short
 warm-up: ``shared-prefix`` (groups x prompts sharing a system prompt, shuffled arrivals) and
 ``random`` (no sharing). Figures per run: req/s, input tok/s, e2e p50/p99, and from the server's
 /metrics: prefix hit rate (tokens), mean per-step FLOPs imbalance (max/mean over ranks), share of steps
@@ -49,7 +49,7 @@ def main() -> None:
 
     from server_utils import Server
     from throughput import build_checkpoint
-    from zp_compile import bench_serve
+    from zp_compile.tools import bench_serve
     from zp_compile.models import tiny_tokenizer
 
     model = build_checkpoint()
@@ -59,7 +59,8 @@ def main() -> None:
         # the matmuls need to run well; every policy gets the same, larger T.
         from transformers import AutoConfig
 
-        from zp_compile.planner import flops_per_request, spec_from_config
+        from zp_compile.costmodel.flops import flops_per_request
+        from zp_compile.costmodel.spec import spec_from_config
 
         spec = spec_from_config(AutoConfig.from_pretrained(model))
         threshold = ["--threshold-flops", str(args.threshold_tokens / 512 * flops_per_request(spec, 512))]

@@ -6,7 +6,7 @@ Open ``traces/rank0.json`` in chrome://tracing or https://ui.perfetto.dev. The t
 shows the compiled forward's operators; ``_c10d_functional::all_gather_into_tensor`` marks where a
 layer's gather is issued (one layer ahead) and ``_c10d_functional::wait_tensor`` where the model blocks
 for it. gloo moves the bytes on its own threads (``gloo:all_gather``). The overlap fraction printed is
-|gather ∩ compute| / |gather| (``zp_compile.profiling``); ``wait`` is the model thread's blocked time.
+|gather ∩ compute| / |gather| (``zp_compile.tools.profiling``); ``wait`` is the model thread's blocked time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 import zp_compile
-from zp_compile.profiling import overlap_from_events
+from zp_compile.tools.profiling import overlap_from_events
 
 from throughput import checkpoint
 

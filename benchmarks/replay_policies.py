@@ -15,7 +15,7 @@ core of this project's CPU: NOTES.md's 3,567 tok/s on 2 ranks x ~29 MFLOP per to
 
 Traces (token ids random; shared prefixes share exact ids):
 - shared: 16 groups x 32 prompts, a 1,024-token prefix per group + a 64-token question, shuffled;
-- random: 512 prompts of 1,088 random tokens (``zp_compile.workloads.random_prompts``), no sharing.
+- random: 512 prompts of 1,088 random tokens (``zp_compile.tools.workloads.random_prompts``), no sharing.
 Arrivals: ``burst`` (all at t=0: capacity), ``spread`` (a burst as a server receives it: one request
 every ``--spread-ms``, in trace order) and ``poisson`` at ``--load`` x the rate the ranks could sustain
 with ideal reuse (each group's prefix computed once, gathers hidden): latency at a given rate.
@@ -31,10 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zp_compile.planner import ModelSpec, flops_per_request  # noqa: E402
-from zp_compile.server.prefix import PrefixCache, block_hashes, cacheable_blocks  # noqa: E402
-from zp_compile.server.routing import POLICIES, RouterSettings, replay  # noqa: E402
-from zp_compile.workloads import random_prompts  # noqa: E402
+from zp_compile.costmodel.flops import flops_per_request  # noqa: E402
+from zp_compile.costmodel.spec import ModelSpec  # noqa: E402
+from zp_compile.prefix import PrefixCache, block_hashes, cacheable_blocks  # noqa: E402
+from zp_compile.server.policies import POLICIES  # noqa: E402
+from zp_compile.server.replay import replay  # noqa: E402
+from zp_compile.server.routing import RouterSettings  # noqa: E402
+from zp_compile.tools.workloads import random_prompts  # noqa: E402
 
 SPEC = ModelSpec("qwen3-moe-82m", layers=6, hidden=512, vocab=4096, heads=8, kv_heads=4, head_dim=64, experts=32,
                  top_k=4, expert_ffn=256, moe_layers=tuple(range(6)))  # fmt: skip

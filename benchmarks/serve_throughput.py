@@ -7,7 +7,7 @@ Both sides: the benchmark checkpoint of ``throughput.py`` (82M Qwen3-MoE shape, 
 (``--requests`` prompts of ``--length`` random tokens, one sequence per request, scored against two
 label tokens, as ``/classify`` does).
 
-- offline: each rank loads the model as a serving rank does (``server.worker``), the requests are cut
+- offline: each rank loads the model as a serving rank does (``zp_compile.rank``), the requests are cut
   into steps by the server's own scheduler (``FifoScheduler``, same token budget), and every rank runs
   its batch of every step; tokens/s = all tokens / wall time of all steps.
 - served: the server is started with the same settings; after start-up (load + compile, not timed),
@@ -52,27 +52,29 @@ def offline_rank(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from zp_compile.server.ranks import RankSettings
+    from zp_compile.contract import RankSettings, Wants
+    from zp_compile.rank.step import run_step
+    from zp_compile.rank.warmup import prepare
+    from zp_compile.rank.worker import load
     from zp_compile.server.scheduler import FifoScheduler, Sequence
-    from zp_compile.server.worker import _load, prepare, score
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     settings = RankSettings(model=args.model, ranks=world, backend=args.backend, transport=args.transport, dtype="bfloat16")
-    model = _load(vars(settings) | {"prefetch": 1}, torch.device("cpu"))
+    model = load(settings, torch.device("cpu"))
     vocab = model.get_output_embeddings().weight.shape[0]
     kv = prepare(model, torch.device("cpu"), vocab, 0, args.max_tokens_per_rank)  # as a serving rank does: packed steps
     label_ids = args.label_ids
     scheduler = FifoScheduler(world, args.max_tokens_per_rank)
-    scheduler.add([Sequence(ids, {"tokens": label_ids}, None) for ids in requests(args.requests, args.length, vocab)])
+    scheduler.add([Sequence(ids, Wants(tokens=label_ids)) for ids in requests(args.requests, args.length, vocab)])
     steps = []
     while scheduler.waiting():
         steps.append(scheduler.next_step())
     dist.barrier()
     start = time.perf_counter()
     for batches in steps:
-        score(model, [s.payload() for s in batches[rank]], 0, torch.device("cpu"), kv)
+        run_step(model, [s.message() for s in batches[rank]], torch.device("cpu"), kv)
     dist.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:
@@ -155,7 +157,7 @@ def main() -> None:
 
     from throughput import build_checkpoint
     from zp_compile.models import tiny_tokenizer
-    from zp_compile.server.app import label_token_ids
+    from zp_compile.server.inputs import label_token_ids
 
     args.model = str(build_checkpoint())
     args.tokenizer = str(Path(tempfile.gettempdir()) / "zp-bench-tokenizer")

@@ -114,7 +114,7 @@ def mix_batches(tokens: int, steps: int, context: int, vocab: int, seed: int) ->
     by length (sorted) before packing, as a length-aware batcher would; a request longer than the
     budget fills a batch alone.
     """
-    from zp_compile.workloads import paper_mix
+    from zp_compile.tools.workloads import paper_mix
 
     stream, requests, total = paper_mix(64 * steps + 64, seed=seed, vocab=vocab, max_context=context), [], 0
     for r in stream:
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
     parser.add_argument("--workload", default="random", choices=["random", "mix"],
-                        help="random: sequences of --context tokens; mix: the paper-like mix (zp_compile.workloads), "
+                        help="random: sequences of --context tokens; mix: the paper-like mix (zp_compile.tools.workloads), "
                         "prompts clipped to --context, steps filled up to --tokens real tokens per rank")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

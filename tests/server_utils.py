@@ -80,7 +80,7 @@ class Server:
                 cmd = child.cmdline()
             except psutil.Error:
                 continue
-            if "zp_compile.server.worker" in cmd and "torch.distributed.run" not in cmd:
+            if "zp_compile.rank" in cmd and "torch.distributed.run" not in cmd:
                 procs.append(child)
         return procs
 
@@ -97,6 +97,6 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include ``labels``."""
-        from zp_compile.bench_serve import metric_sum, parse_metrics
+        from zp_compile.tools.bench_serve import metric_sum, parse_metrics
 
         return metric_sum(parse_metrics(self.client.get("/metrics").text), name, **labels)

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from server_utils import Server, free_port
-from zp_compile import bench_serve as bench
+from zp_compile.tools import bench_serve as bench
 from zp_compile import cli
 
 LABELS = [" yes", " no"]
@@ -85,7 +85,7 @@ def test_shared_prefix_groups_share_exactly_their_prefix_in_shuffled_order(token
 
 
 def test_mix_is_the_paper_mix_as_text(tokenizer):
-    from zp_compile.workloads import paper_mix
+    from zp_compile.tools.workloads import paper_mix
 
     requests = bench.mix_dataset(tokenizer, 60, 300, seed=2, endpoint="/score")
     mix = paper_mix(60, seed=2, vocab=len(bench.word_pool(tokenizer)) + 3, max_context=300)

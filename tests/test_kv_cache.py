@@ -1,4 +1,4 @@
-"""Prefix KV reuse on a rank (``zp_compile.server.kv_cache``): cached logits equal uncached ones,
+"""Prefix KV reuse on a rank (``zp_compile.rank.kv_cache``): cached logits equal uncached ones,
 eviction within the budget, the front end's view checked, KV-cache-free mode, and two lockstep ranks
 where one hits and the other misses."""
 
@@ -10,13 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_utils import run_ranks
-from zp_compile.server import packed
-from zp_compile.server.kv_cache import CacheViewMismatch, RankKVCache
-from zp_compile.server.prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
-from zp_compile.server.worker import batch_inputs, score
+from zp_compile.contract import Seq, Wants
+from zp_compile.prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
+from zp_compile.rank import packed, warmup
+from zp_compile.rank.kv_cache import CacheViewMismatch, RankKVCache
+from zp_compile.rank.step import batch_inputs, run_step
 
 CPU = torch.device("cpu")
 TOL = 1e-4
+
+
+def seq(ids: list[int], top: int = 0, cached: int | None = None) -> Seq:
+    return Seq(ids, Wants(top=top), cached)
 
 
 def prompt(seed: int, n: int, vocab: int = 256) -> list[int]:
@@ -52,15 +57,12 @@ def model(checkpoint):
 def uncached(model, prompts: list[list[int]]) -> torch.Tensor:
     """Today's path (no cache): next-token logits [B, V]."""
     with torch.inference_mode():
-        return model(**batch_inputs(prompts, 0), logits_to_keep=1, use_cache=False).logits[:, -1]
+        return model(**batch_inputs(prompts), logits_to_keep=1, use_cache=False).logits[:, -1]
 
 
 def cached(model, kv: RankKVCache, prompts: list[list[int]], front_end: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
     """One step through the rank's cache: (logits [B, V], tokens each prompt reused)."""
-    seqs = [{"ids": p} for p in prompts]
-    if front_end is not None:
-        for s, c in zip(seqs, front_end):
-            s["cached"] = c
+    seqs = [seq(p, cached=None if front_end is None else front_end[i]) for i, p in enumerate(prompts)]
     reuse = kv.lookup(seqs)[1]
     with torch.inference_mode():
         return kv.forward(model, seqs, 0, CPU), reuse
@@ -155,20 +157,20 @@ def test_front_end_disagreeing_with_the_rank_is_an_error(model):
         cached(model, kv, [a], front_end=[16])
     off = RankKVCache(0)
     with pytest.raises(CacheViewMismatch, match="counted 32 cached tokens but this rank reuses 0"):
-        score(model, [{"ids": a, "cached": 32}], 0, CPU, off)
+        run_step(model, [seq(a, cached=32)], CPU, off)
 
 
 def test_budget_zero_keeps_nothing_between_steps_but_shares_within_one(model):
     """KV-cache-free: nothing is kept, yet a row still reads the prefix a batch-mate computes."""
     kv = RankKVCache(0)
     a = prompt(41, 40)
-    batch = [{"ids": a, "top": 3}, {"ids": a[:20], "top": 3}]
+    batch = [seq(a, top=3), seq(a[:20], top=3)]
     for _ in range(2):
         got, reuse = cached(model, kv, [a, a[:20]])
         assert reuse == [0, 16]  # a[:20] reads a's first block in the step, every time
         assert (got - uncached(model, [a, a[:20]])).abs().max() <= TOL
         assert not kv.enabled and len(kv) == 0 and kv.tokens == 0 and len(kv.blocks) == 0
-    assert [r["next"][0] for r in score(model, batch, 0, CPU, kv)] == [r["next"][0] for r in score(model, batch, 0, CPU)]
+    assert [r.next[0] for r in run_step(model, batch, CPU, kv)] == [r.next[0] for r in run_step(model, batch, CPU)]
 
 
 def test_a_packed_step_needs_the_packed_attention(checkpoint):
@@ -183,20 +185,18 @@ def test_a_packed_step_needs_the_packed_attention(checkpoint):
 def test_cached_score_uses_the_cache(model):
     kv = RankKVCache(1024)
     a = prompt(51, 40)
-    first = score(model, [{"ids": a, "top": 3}], 0, CPU, kv)
-    again = score(model, [{"ids": a, "top": 3, "cached": 32}], 0, CPU, kv)
-    assert [t for t, _ in first[0]["top"]] == [t for t, _ in again[0]["top"]]
-    assert max(abs(x - y) for (_, x), (_, y) in zip(first[0]["top"], again[0]["top"])) <= TOL
+    first = run_step(model, [seq(a, top=3)], CPU, kv)
+    again = run_step(model, [seq(a, top=3, cached=32)], CPU, kv)
+    assert [t for t, _ in first[0].top] == [t for t, _ in again[0].top]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(first[0].top, again[0].top)) <= TOL
 
 
 def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint):
     from torch._dynamo.utils import counters
 
-    from zp_compile.server import kv_cache
-
     model = optimized(checkpoint, "aot_eager")  # resets dynamo: a fresh count
     counters.clear()
-    kv_cache.warm_up(model, CPU, 256)
+    warmup.warm_up_packed(model, CPU, 256)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled == 2  # P = 0 or more (sizes that could be 1 are padded to 2)
     kv = RankKVCache(1024)
@@ -205,9 +205,9 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint):
              [a[:50]] * 2, [prompt(87, 1)], [a[:17]]]  # fmt: skip
     reuse = []
     for batch in steps:
-        seqs = [{"ids": p, "top": 1} for p in batch]
+        seqs = [seq(p, top=1) for p in batch]
         reuse.append(kv.lookup(seqs)[1])
-        score(model, seqs, 0, CPU, kv)
+        run_step(model, seqs, CPU, kv)
     assert reuse == [[0, 32], [80], [80, 0, 0], [0], [80, 16, 0], [48, 48], [0], [16]]
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 
@@ -217,21 +217,19 @@ def test_warm_up_compiles_the_largest_step_so_serving_never_recompiles(checkpoin
     it recompiles. Warm-up with the front end's largest step compiles those graphs before serving."""
     from torch._dynamo.utils import counters
 
-    from zp_compile.server.kv_cache import warm_up
-
     model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs
     top_k = model.config.num_experts_per_tok
     max_tokens = -(-32767 // top_k // 256) * 256  # past the guard, in 256-token rows
     counters.clear()
-    warm_up(model, CPU, 256)
+    warmup.warm_up_packed(model, CPU, 256)
     small = counters["stats"]["unique_graphs"]
-    warm_up(model, CPU, 256, max_tokens)
+    warmup.warm_up_packed(model, CPU, 256, max_tokens)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled == small + 2  # the largest steps, with and without a past, needed graphs of their own
     kv = RankKVCache(4096)
     rows = [prompt(90 + i, 128) for i in range(max_tokens // 128)]
-    score(model, [{"ids": r, "top": 1} for r in rows], 0, CPU, kv)  # a full step, other rows
-    score(model, [{"ids": r[:64] + prompt(300 + i, 64), "top": 1} for i, r in enumerate(rows)], 0, CPU, kv)  # reusing 64 each
+    run_step(model, [seq(r, top=1) for r in rows], CPU, kv)  # a full step, other rows
+    run_step(model, [seq(r[:64] + prompt(300 + i, 64), top=1) for i, r in enumerate(rows)], CPU, kv)  # reusing 64 each
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 
 
@@ -273,9 +271,9 @@ def _hits_on_one_rank(rank: int, world_size: int, path: str) -> dict:
         model = zp_compile.from_pretrained(path, backend="aot_eager", transport="collective", dynamic=True)
         packed.enable(model)
         for prompts in steps:
-            seqs = [{"ids": p} for p in prompts]
+            seqs = [seq(p) for p in prompts]
             if not seqs:
-                score(model, [], 0, CPU, kv)
+                run_step(model, [], CPU, kv)
                 out["reuse"].append([])
                 continue
             out["reuse"].append(kv.lookup(seqs)[1])

@@ -9,29 +9,11 @@ import json
 import pytest
 
 from zp_compile import cli
-from zp_compile.planner import (
-    HARDWARE,
-    MODELS,
-    ForwardTiming,
-    ModelSpec,
-    PlanSettings,
-    _batch_layers,
-    _keys,
-    calibration_layers,
-    cpu_hardware,
-    flops_per_request,
-    forward_flops,
-    gather_s,
-    hardware,
-    load_model,
-    measure_cpu,
-    memory_per_gpu,
-    plan,
-    rank_threads,
-    saturation_threshold,
-    spec_from_config,
-    time_forward,
-)
+from zp_compile.costmodel.calibrate import ForwardTiming, calibration_layers, forward_flops, time_forward
+from zp_compile.costmodel.flops import _keys, flops_per_request
+from zp_compile.costmodel.hardware import HARDWARE, cpu_hardware, hardware, measure_cpu, rank_threads
+from zp_compile.costmodel.planning import PlanSettings, _batch_layers, gather_s, memory_per_gpu, plan, predict_threshold
+from zp_compile.costmodel.spec import MODELS, ModelSpec, load_model, spec_from_config
 
 # 2 layers: layer 0 dense (MLP width 5), layer 1 MoE (4 experts of width 6, top-2); 2 query heads of
 # width 4 sharing 1 KV head; hidden 8; vocabulary 10.
@@ -97,7 +79,7 @@ def test_more_gpus_than_experts_pads_the_shards():
 
 
 def test_shard_rows_follow_the_sharding_module():
-    from zp_compile.planner import _shard_rows
+    from zp_compile.costmodel.planning import _shard_rows
     from zp_compile.sharding import ExpertShard
 
     for experts, n in [(128, 8), (8, 16), (10, 4), (3, 1)]:
@@ -118,7 +100,7 @@ def test_saturation_threshold_hand_count():
     shard = 16 * 3 * 4096 * 1536 * 2  # 128/8 experts of [2I, H] + [H, I], BF16
     t = shard * 7 / (450e9 * 0.8) + 7 * 5e-6  # receive 7 shards at 80% of NVLink, 7 ring steps
     assert gather_s(m, hw, s) == pytest.approx(t)
-    th = saturation_threshold(m, hw, s)
+    th = predict_threshold(m, hw, s)
     assert th.flops_per_layer == pytest.approx(t * 989e12 * 1.2)
     per_token_layer = 2 * (m.dense_params(0) + 8 * 3 * 4096 * 1536) + 2 * 64 * 256 * (2048 + 1) / 2
     assert th.tokens == pytest.approx(th.flops_per_layer / per_token_layer)
@@ -362,19 +344,19 @@ def _plan_step_ms(out: str, strategy: str) -> float:
 def cpu_cli(monkeypatch, tmp_path):
     """The CLI's cpu path with fixed measurements: a 500 GFLOP/s peak and a forward that ran its counted
     FLOPs at 100 GFLOP/s; returns the checkpoint directory and the calls to time_forward."""
-    from zp_compile import planner
+    from zp_compile.costmodel import calibrate, hardware as hw
     from zp_compile.models import tiny_config
 
     tiny_config("qwen3_moe", layers=2).save_pretrained(tmp_path)
     calls = []
-    monkeypatch.setattr(planner, "measure_cpu", lambda ranks: cpu_hardware(5e11, 1e10, memory_bytes=1e12, ranks=ranks))
+    monkeypatch.setattr(hw, "measure_cpu", lambda ranks: cpu_hardware(5e11, 1e10, memory_bytes=1e12, ranks=ranks))
 
     def fake_forward(config, m, tokens, context, *, ranks, backend):
         calls.append((tokens, context, ranks, backend))
         flops = forward_flops(m, 1, tokens // context, context)
         return ForwardTiming(1, tokens // context, context, flops, flops / 1e11, backend, 1)
 
-    monkeypatch.setattr(planner, "time_forward", fake_forward)
+    monkeypatch.setattr(calibrate, "time_forward", fake_forward)
     return tmp_path, calls
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-from zp_compile.profiling import intersect, overlap_from_events, subtract, union
+from zp_compile.tools.profiling import intersect, overlap_from_events, subtract, union
 
 
 def ev(name, thread, start, end, parent=None):

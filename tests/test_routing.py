@@ -11,19 +11,12 @@ import struct
 
 import pytest
 
-from zp_compile.planner import ModelSpec, flops_per_request
-from zp_compile.server.prefix import BLOCK, PrefixCache, block_hashes, cache_tokens_for_bytes, cacheable_blocks, kv_bytes_per_token
-from zp_compile.server.routing import (
-    RankView,
-    RoundRobin,
-    RouterSettings,
-    ThresholdScheduler,
-    ZeroPrefill,
-    cache_aware,
-    least_flops,
-    make_policy,
-    replay,
-)
+from zp_compile.costmodel.flops import flops_per_request
+from zp_compile.costmodel.spec import ModelSpec
+from zp_compile.prefix import BLOCK, PrefixCache, block_hashes, cache_tokens_for_bytes, cacheable_blocks, kv_bytes_per_token
+from zp_compile.server.policies import BoundedPrefix, RankView, RoundRobin, cache_aware, least_flops, make_policy
+from zp_compile.server.replay import replay
+from zp_compile.server.routing import RouterSettings, ThresholdScheduler
 from zp_compile.server.scheduler import Sequence
 
 # The planner's hand-counted toy (tests/test_planner.py): 856 active parameters per token, attention
@@ -33,7 +26,7 @@ TOY = ModelSpec("toy", layers=2, hidden=8, vocab=10, heads=2, kv_heads=1, head_d
 
 
 def seq(ids) -> Sequence:
-    return Sequence(list(ids), {}, None)
+    return Sequence(list(ids))
 
 
 class Clock:
@@ -156,7 +149,7 @@ def test_cache_aware_follows_sglang():
 
 
 def test_zero_prefill_takes_the_longest_prefix_within_the_bound():
-    policy = ZeroPrefill(bound_flops=100.0)
+    policy = BoundedPrefix(bound_flops=100.0)
     # The rank holding 64 tokens wins although it is busier: 50 + 20 <= 0 + 100.
     assert policy([view(load_flops=0.0, flops=90.0), view(matched=64, load_flops=50.0, flops=20.0)], 80) == 1
     # The longer of two matches wins.
@@ -168,7 +161,7 @@ def test_zero_prefill_takes_the_longest_prefix_within_the_bound():
     assert policy(ranks, 80) == 2
     # No match anywhere: least load after taking it.
     assert policy([view(load_flops=30.0), view(load_flops=20.0)], 80) == 1
-    assert make_policy("zero_prefill", 50.0, balance_bound=2.0) == ZeroPrefill(100.0)
+    assert make_policy("zero_prefill", 50.0, balance_bound=2.0) == BoundedPrefix(100.0)
     with pytest.raises(ValueError, match="unknown routing policy 'fifo'"):
         make_policy("fifo", 1.0)
 

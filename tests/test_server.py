@@ -331,7 +331,7 @@ def test_overload_auth_body_limit_and_disconnects(slow_checkpoint):
 
 
 def test_auto_transport_is_shared_memory_only_for_cpu_ranks_on_one_host():
-    from zp_compile.server.worker import resolve_transport
+    from zp_compile.rank.worker import resolve_transport
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_transport("auto", cpu, world=4, local=4) == "shm"
@@ -472,7 +472,7 @@ def test_external_ranks_join_and_failure_exits(checkpoint):
     with Server(checkpoint, *args, wait=False) as srv:
         assert httpx_health(srv) == 503  # up, waiting for its ranks
         torchrun = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zp_compile.server.worker", "--frontend", f"127.0.0.1:{worker_port}"],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zp_compile.rank", "--frontend", f"127.0.0.1:{worker_port}"],
             start_new_session=True,
         )  # fmt: skip
         try:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from zp_compile.planner import spec_from_config, threshold_at
+from zp_compile.costmodel.flops import threshold_at
+from zp_compile.costmodel.spec import spec_from_config
 
 from dist_utils import run_ranks
 from workers import measured_threshold

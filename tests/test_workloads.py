@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from zp_compile.workloads import SHARES, paper_mix, random_prompts
+from zp_compile.tools.workloads import SHARES, paper_mix, random_prompts
 
 
 def test_deterministic_for_a_seed():

@@ -1,7 +1,7 @@
 """torch.compile backends that run the AsyncEP passes on the post-grad (ATen) graph.
 
 - ``inductor``: the passes are registered as Inductor's ``post_grad_custom_post_pass`` through a
-  ``CustomGraphPass`` whose ``uuid()`` hashes the pass sources and the prefetch depth, so the FX graph
+  ``CustomGraphPass`` whose ``uuid()`` hashes the files the passes import and the prefetch depth, so the FX graph
   cache stays valid and is invalidated when a pass changes. A user's own custom post pass is kept and
   runs first (torch < 2.13 takes a single pass: the two are chained). Inductor's config is patched only
   for the duration of the compile.
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import passes
+from . import imports, passes
 
 INNER_BACKENDS = ("inductor", "aot_eager")
 
@@ -34,8 +33,9 @@ class ZeroPrefillGraphPass(CustomGraphPass):
         passes.run_passes(graph, self.prefetch)
 
     def uuid(self) -> Any:
-        here = os.path.dirname(passes.__file__)
-        files = tuple(os.path.join(here, f) for f in passes.PASS_FILES)
+        # Every file the passes import, directly or not (ops, sharding, compat...): a change to any of
+        # them changes the graphs they write, so it must miss the FX graph cache.
+        files = tuple(sorted(str(imports.modules()[m]) for m in imports.closure(passes.__name__)))
         return get_hash_for_files(files, extra=f"prefetch={self.prefetch}")
 
 

@@ -1,7 +1,7 @@
 """Command line: ``zp-compile <command>``. Each command is a subparser with its own ``run`` function.
 
 ``zp-compile plan --model qwen3-235b-a22b --hardware h200-fp8 --gpus 8`` prints memory per GPU, the
-saturation threshold T* and predicted throughput of AsyncEP, TP, EP and PP (see zp_compile/planner.py).
+saturation threshold T* and predicted throughput of AsyncEP, TP, EP and PP (see zp_compile/costmodel/).
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ import argparse
 import os
 import sys
 
-from . import planner
-
-GIB = 1e9  # the planner and the spec sheets count decimal gigabytes
+from .costmodel import calibrate, hardware, planning, spec
+from .costmodel.hardware import GB
 
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="memory, saturation threshold and predicted throughput of a deployment",
                        description="Predict memory per GPU, T* and tokens/s + MFU of AsyncEP, TP, EP and PP.")
-    d = planner.PlanSettings()
-    p.add_argument("--model", required=True, help=f"checkpoint directory (config.json) or one of: {', '.join(planner.MODELS)}")
-    p.add_argument("--hardware", required=True, help=f"one of: {', '.join([*planner.HARDWARE, 'cpu'])} (cpu is measured: ~1 s, plus the calibration forward)")
+    d = planning.PlanSettings()
+    p.add_argument("--model", required=True, help=f"checkpoint directory (config.json) or one of: {', '.join(spec.MODELS)}")
+    p.add_argument("--hardware", required=True, help=f"one of: {', '.join([*hardware.HARDWARE, 'cpu'])} (cpu is measured: ~1 s, plus the calibration forward)")
     p.add_argument("--gpus", type=int, default=d.gpus)
     p.add_argument("--tokens", type=int, default=d.tokens_per_gpu, help="tokens per GPU per step (default %(default)s)")
     p.add_argument("--context", type=int, default=d.context, help="tokens per request (default %(default)s)")
@@ -42,41 +41,41 @@ def _add_plan(sub) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    model = planner.load_model(args.model)
+    model = spec.load_model(args.model)
     cpu = args.hardware == "cpu"
     # CPU ranks share one machine: each gets its share of RAM and cores, and "offloading" to host frees nothing.
-    hw = planner.measure_cpu(ranks=args.gpus) if cpu else planner.hardware(args.hardware)
-    assumed = planner.PlanSettings().efficiency
+    hw = hardware.measure_cpu(ranks=args.gpus) if cpu else hardware.hardware(args.hardware)
+    assumed = planning.PlanSettings().efficiency
     efficiency, timing, note = args.efficiency, None, ""
     if efficiency is None and cpu:
-        config = planner.load_config(args.model)
+        config = spec.load_config(args.model)
         if config is not None:  # measured: the planner's FLOPs for a real forward over its time
-            timing = planner.time_forward(config, model, args.tokens, args.context, ranks=args.gpus, backend=args.backend)
+            timing = calibrate.time_forward(config, model, args.tokens, args.context, ranks=args.gpus, backend=args.backend)
             efficiency = timing.efficiency(hw.peak_flops)
         else:
             note = f"efficiency {assumed} assumed: a built-in name has no config.json to build a calibration layer from"
-    settings = planner.PlanSettings(
+    settings = planning.PlanSettings(
         gpus=args.gpus, tokens_per_gpu=args.tokens, context=args.context, gamma=args.gamma,
         efficiency=assumed if efficiency is None else efficiency,
-        link=args.link, link_bw=args.link_gbps * GIB if args.link_gbps else None, prefetch=args.prefetch,
+        link=args.link, link_bw=args.link_gbps * GB if args.link_gbps else None, prefetch=args.prefetch,
         resident_first_layer=not args.no_resident_first_layer, kv_cache=not args.no_kv_cache, offload=not (args.no_offload or cpu),
         link_on_compute=args.link_on_cores,
     )
-    print(format_plan(planner.plan(model, hw, settings), timing, note))
+    print(format_plan(planning.plan(model, hw, settings), timing, note))
 
 
-def format_plan(p: planner.Plan, timing: planner.ForwardTiming | None = None, note: str = "") -> str:
+def format_plan(p: planning.Plan, timing: calibrate.ForwardTiming | None = None, note: str = "") -> str:
     m, hw, s, mem, th = p.model, p.hardware, p.settings, p.memory, p.threshold
-    link = (s.link_bw or hw.link_bw(s.link)) / GIB
-    gb = lambda x: f"{x / GIB:8.2f} GB"  # noqa: E731
-    resident = len(m.moe_layers) - len(planner._sharded_layers(m, s))
+    link = (s.link_bw or hw.link_bw(s.link)) / GB
+    gb = lambda x: f"{x / GB:8.2f} GB"  # noqa: E731
+    resident = len(m.moe_layers) - len(planning.sharded_layers(m, s))
     row = lambda label, value: f"  {label:<36s}{value}"  # noqa: E731
     lines = [
         f"{m.name} on {s.gpus} x {hw.name} ({'loopback' if hw.name == 'cpu' else s.link} {link:.3g} GB/s per direction x {s.link_efficiency} achieved), "
         f"{s.tokens_per_gpu:,} tokens per GPU per step, {s.context:,}-token requests",
         f"model: {m.total_params / 1e9:.1f}B parameters, {m.active_params_per_token / 1e9:.1f}B active per token "
         f"(+ lm_head once per request); {len(m.moe_layers)}/{m.layers} MoE layers x {m.experts} experts, top-{m.top_k}; "
-        f"expert bank {m.bank_params * hw.weight_bytes / GIB:.2f} GB per layer at {hw.weight_bytes} byte(s)/weight",
+        f"expert bank {m.bank_params * hw.weight_bytes / GB:.2f} GB per layer at {hw.weight_bytes} byte(s)/weight",
     ]
     if timing is not None:
         lines.append(
@@ -93,13 +92,13 @@ def format_plan(p: planner.Plan, timing: planner.ForwardTiming | None = None, no
         row("gathered banks in flight", gb(mem.in_flight)),
         row(f"activations ({s.tokens_per_gpu:,} tokens)", gb(mem.activations)),
         row(f"KV for the batch ({m.layers if s.kv_cache else 1} layers)", gb(mem.kv)),
-        row("total", f"{gb(mem.total)} of {mem.capacity / GIB:.0f} GB ({mem.usable / GIB:.1f} GB usable)"),
+        row("total", f"{gb(mem.total)} of {mem.capacity / GB:.0f} GB ({mem.usable / GB:.1f} GB usable)"),
     ]
     if mem.offloaded_layers:
-        lines.append(f"  hybrid offload: {mem.offloaded_layers} layers' shards in host memory ({mem.host_per_gpu / GIB:.1f} GB per GPU), "
+        lines.append(f"  hybrid offload: {mem.offloaded_layers} layers' shards in host memory ({mem.host_per_gpu / GB:.1f} GB per GPU), "
                      f"copied over PCIe every step")
     if not mem.fits:
-        lines.append(f"  DOES NOT FIT: {mem.total / GIB:.1f} GB > {mem.usable / GIB:.1f} GB usable"
+        lines.append(f"  DOES NOT FIT: {mem.total / GB:.1f} GB > {mem.usable / GB:.1f} GB usable"
                      + (" even with every sharded layer offloaded" if mem.offloaded_layers else ""))
     below = s.tokens_per_gpu < th.tokens
     lines += [
@@ -115,7 +114,7 @@ def format_plan(p: planner.Plan, timing: planner.ForwardTiming | None = None, no
         f"{'strategy':9s}{'step ms':>10s}{'tokens/s':>12s}{'MFU':>7s}  detail",
     ]
     for pred in p.predictions.values():
-        note = pred.detail + ("" if pred.fits else f"; DOES NOT FIT: weights {pred.weights_per_gpu / GIB:.0f} GB per GPU")
+        note = pred.detail + ("" if pred.fits else f"; DOES NOT FIT: weights {pred.weights_per_gpu / GB:.0f} GB per GPU")
         lines.append(f"{pred.strategy:9s}{pred.step_s * 1e3:10.1f}{pred.tokens_per_s:12,.0f}{pred.mfu:7.1%}  {note}")
     best = p.best_baseline
     lines.append(f"AsyncEP over the best baseline ({best.strategy}): {p.speedup:.2f}x")
@@ -123,41 +122,44 @@ def format_plan(p: planner.Plan, timing: planner.ForwardTiming | None = None, no
 
 
 def _add_serve(sub) -> None:
-    from .server.app import ServeSettings
+    from .contract import TRANSPORTS
+    from .optimize import BACKENDS
+    from .server.settings import DTYPES, ON_WORKER_FAILURE, SCHEDULING, ServeSettings
 
     d = ServeSettings(model="", model_name="")
     p = sub.add_parser("serve", help="HTTP scoring server over N ranks running the optimized model",
                        description="Serve /classify, /score, /rerank and prefill-only /v1/completions from N lockstep ranks. "
                        "With no --model: a tiny built-in MoE checkpoint with a local tokenizer, on 2 CPU ranks.")  # fmt: skip
+    # Every flag's dest is a ServeSettings field, and every default is that field's.
     p.add_argument("--model", help="checkpoint directory (safetensors + config.json + tokenizer); default: the built-in tiny model")
     p.add_argument("--tokenizer", help="tokenizer directory, if not in --model")
-    p.add_argument("--served-model-name", help="the name clients use (default: the directory name)")
-    p.add_argument("--nproc", type=int, default=2, help="number of ranks (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", dest="model_name", help="the name clients use (default: the directory name)")
+    p.add_argument("--nproc", type=int, default=d.nproc, help="number of ranks (default %(default)s)")
+    p.add_argument("--host", default=d.host, help="HTTP bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--labels", nargs="+", help="label strings for /classify and default /score labels, one token each "
                    "(default for the built-in model: ' yes' ' no')")  # fmt: skip
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
-    p.add_argument("--transport", default="auto", choices=["auto", "collective", "shm"],
+    p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
+    p.add_argument("--transport", default=d.transport, choices=TRANSPORTS,
                    help="how ranks gather expert weights: shm (shared memory; ranks on one host, fastest on CPU) or "
                    "collective (all-gathers: NCCL, gloo); auto (default): shm when every rank is a CPU process on one host")  # fmt: skip
-    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=d.prefetch)
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")
-    p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank, help="tokens per rank per step: fifo counts them padded, a routing policy counts "
-                   "the ones computed (default %(default)s)")
+    p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank,
+                   help="tokens one rank's forward processes per step (packed steps: the tokens it computes) (default %(default)s)")
     p.add_argument("--max-seqs-per-rank", type=int, default=d.max_seqs_per_rank)
     p.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued sequences before 429 (default %(default)s)")
     p.add_argument("--max-items", type=int, default=d.max_items, help="inputs/items/documents per request (default %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413 (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds (default %(default)s)")
-    p.add_argument("--step-timeout", type=float, default=120.0, help="a step slower than this fails the ranks (default %(default)s s)")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+    p.add_argument("--step-timeout", type=float, default=d.step_timeout, help="a step slower than this fails the ranks (default %(default)s s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
                    help="a rank whose heartbeat stands still this long has failed (default %(default)s s)")  # fmt: skip
-    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the ranks to load and compile (default %(default)s)")
-    p.add_argument("--on-worker-failure", choices=["restart", "exit"], default=d.on_worker_failure)
-    p.add_argument("--policy", default=d.policy, choices=["fifo", "round_robin", "least_flops", "cache_aware", "zero_prefill"],
+    p.add_argument("--start-timeout", type=float, default=d.start_timeout, help="seconds for the ranks to load and compile (default %(default)s)")
+    p.add_argument("--on-worker-failure", choices=ON_WORKER_FAILURE, default=d.on_worker_failure)
+    p.add_argument("--policy", default=d.policy, choices=SCHEDULING,
                    help="fifo: first come, first served, a step as soon as work waits; the others route each sequence to a "
                    "rank and fill every step to the saturation threshold T (default %(default)s)")  # fmt: skip
     p.add_argument("--threshold-flops", type=float, help="T, FLOPs per rank per step (default: measured by the ranks at start-up)")
@@ -167,63 +169,39 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip
-    p.add_argument("--worker-host", default="127.0.0.1", help="address ranks use to reach this front end (default %(default)s)")
-    p.add_argument("--worker-port", type=int, default=0, help="port of the front end's rank store (default: any free port)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--worker-host", default=d.worker_host, help="address ranks use to reach this front end (default %(default)s)")
+    p.add_argument("--worker-port", type=int, default=d.worker_port,
+                   help="port of the front end's rank store; the data socket takes the next port (default: any free ports)")  # fmt: skip
+    p.add_argument("--log-level", default=d.log_level)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import logging
     from pathlib import Path
 
-    from .server.app import ServeSettings
-    from .server.ranks import Ranks, RankSettings
+    from .server.ranks import Ranks
     from .server.serve import run
+    from .server.settings import ServeSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    labels = args.labels
     if args.model is None:
         from .models import default_checkpoint
 
         args.model = str(default_checkpoint())
-        labels = labels or [" yes", " no"]
+        args.labels = args.labels or [" yes", " no"]
     model = Path(args.model)
     if not (model / "config.json").exists():
         raise ValueError(f"--model {args.model}: no config.json there")
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.external_ranks and not args.worker_port:
-        raise ValueError("--external-ranks needs a fixed --worker-port for the ranks to join")
-    if args.external_ranks and args.on_worker_failure == "restart":
-        raise ValueError("--external-ranks needs --on-worker-failure exit: the front end cannot restart ranks it did not "
-                         "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
-    if args.cache_tokens < 0:
-        raise ValueError(f"--cache-tokens must be >= 0, got {args.cache_tokens}")
-    for flag in ("request_timeout", "step_timeout", "start_timeout", "heartbeat_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
-    if args.max_items > args.max_waiting:
-        raise ValueError(f"--max-items {args.max_items} exceeds --max-waiting {args.max_waiting}: such a request could never be queued")
-    settings = ServeSettings(
-        model=str(model.resolve()), model_name=args.served_model_name or model.name, tokenizer=args.tokenizer, labels=labels or [],
-        max_model_len=args.max_model_len, max_tokens_per_rank=args.max_tokens_per_rank, max_seqs_per_rank=args.max_seqs_per_rank,
-        max_waiting=args.max_waiting, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, api_key=args.api_key, on_worker_failure=args.on_worker_failure,
-        policy=args.policy, threshold_flops=args.threshold_flops, max_wait_ms=args.max_wait_ms, cache_tokens=args.cache_tokens,
-    )  # fmt: skip
-    rank_settings = RankSettings(model=settings.model, ranks=args.nproc, backend=args.backend, prefetch=args.prefetch,
-                                 transport=args.transport, dtype=args.dtype, threads=args.threads_per_rank,
-                                 measure_threshold=args.policy != "fifo" and args.threshold_flops is None,
-                                 cache_tokens=args.cache_tokens, max_tokens=args.max_tokens_per_rank)  # fmt: skip
-    ranks = Ranks(rank_settings, external=args.external_ranks, host=args.worker_host, port=args.worker_port,
-                  start_timeout=args.start_timeout, step_timeout=args.step_timeout,
-                  heartbeat_timeout=args.heartbeat_timeout)  # fmt: skip
-    if args.external_ranks:
-        print(f"zp-compile serve: waiting for {args.nproc} ranks; on each host run\n"
+    args.model, args.model_name, args.labels = str(model.resolve()), args.model_name or model.name, args.labels or []
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    ranks = Ranks(settings)
+    if settings.external_ranks:
+        print(f"zp-compile serve: waiting for {settings.nproc} ranks; on each host run\n"
               f"  torchrun --nnodes NODES --nproc_per_node RANKS_PER_NODE --rdzv-backend c10d --rdzv-endpoint HOST0:29500 "
-              f"-m zp_compile.server.worker --frontend {ranks.address}", flush=True)  # fmt: skip
-    return run(settings, ranks, host=args.host, port=args.port, log_level=args.log_level)
+              f"-m zp_compile.rank --frontend {ranks.address}", flush=True)  # fmt: skip
+    return run(settings, ranks)
 
 
 def _add_bench_serve(sub) -> None:
@@ -238,7 +216,7 @@ def _add_bench_serve(sub) -> None:
                    "(default: the built-in default checkpoint's, when the server serves it)")  # fmt: skip
     p.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix", "mix"],
                    help="random: random words; shared-prefix: groups sharing a system prompt (sglang's generated-shared-prefix); "
-                   "mix: the paper-like mix of zp_compile/workloads.py, clipped to the server's max_model_len")  # fmt: skip
+                   "mix: the paper-like mix of zp_compile/tools/workloads.py, clipped to the server's max_model_len")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=1000, help="random and mix (default %(default)s); shared-prefix sends groups x prompts per group")
     p.add_argument("--random-input-len", type=int, default=1024, help="tokens per prompt, special tokens included (default %(default)s)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * (1 - r), len * (1 + r)] (default %(default)s)")
@@ -268,7 +246,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     import httpx
     from transformers import AutoTokenizer
 
-    from . import bench_serve as bench
+    from .tools import bench_serve as bench
 
     base = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

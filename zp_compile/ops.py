@@ -1,16 +1,23 @@
-"""The one custom op the model rewrite leaves in a traced graph.
+"""Every custom op zp-compile puts in a traced graph: the schemas, in one place.
 
-``zp_compile::gather_experts(shard, num_experts, group_size, group_name, layer, slot, exchange_id)`` stands for "the
-full ``[E, ...]`` expert tensor number ``slot`` of MoE layer ``layer``, rebuilt from every rank's
-``[ceil(E/N), ...]`` shard". ``(layer, slot)`` is also the order in which every rank issues the gathers.
-``exchange_id`` names a shared-memory exchange (``zp_compile.transport``) to copy from instead of
-all-gathering over the group ("" for collectives).
-Dynamo records it as one opaque node, so the passes in ``zp_compile.passes`` see exactly where each
-layer's full expert weights are used and can lower the marker to functional collectives
-(all-gather + wait + narrow) placed one layer ahead.
+- ``zp_compile::gather_experts(shard, num_experts, group_size, group_name, layer, slot, exchange_id)``
+  stands for "the full ``[E, ...]`` expert tensor number ``slot`` of MoE layer ``layer``, rebuilt from
+  every rank's ``[ceil(E/N), ...]`` shard". ``(layer, slot)`` is also the order in which every rank
+  issues the gathers. ``exchange_id`` names a shared-memory exchange (``zp_compile.transport``) to copy
+  from instead of all-gathering over the group ("" for collectives). Dynamo records it as one opaque
+  node, so the passes in ``zp_compile.passes`` see exactly where each layer's full expert weights are
+  used and lower the marker to functional collectives (all-gather + wait + narrow) placed one layer
+  ahead. Outside a compiled region (plain eager forward) it runs a blocking gather: correct, with no
+  overlap, so an optimized model is usable before or without compilation. Implemented here.
+- ``zp_compile::shm_gather(shard, exchange_id, layer, slot)``: every rank's ``[S, ...]`` rows of
+  ``(layer, slot)`` copied out of a shared-memory exchange, ``[N * S, ...]``. Implemented (kernel and
+  fake) by ``zp_compile.transport``, which owns the exchanges the op looks up; an ``exchange_id`` only
+  exists once that module has made one.
+- ``zp_compile::packed_attention(query, key, value, rows, ranges, scale)``: one packed serving step's
+  attention (``zp_compile.rank.packed`` implements it and documents the layout).
 
-Outside a compiled region (plain eager forward) the op runs a blocking all-gather: correct, with no
-overlap. That keeps an optimized model usable before or without compilation.
+The schemas are declared with ``torch.library.define`` so that a module that only needs an op's
+identity (the passes' predicates) imports this leaf module and nothing that implements it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,13 @@ from .sharding import unshard_rows
 
 OP_NAMESPACE = "zp_compile"
 
+_lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - the namespace's schemas live as long as the process
+_lib.define("shm_gather(Tensor shard, str exchange_id, int layer, int slot) -> Tensor")
+_lib.define("packed_attention(Tensor query, Tensor key, Tensor value, Tensor rows, Tensor ranges, float scale) -> Tensor")
+
+SHM_GATHER = f"{OP_NAMESPACE}::shm_gather"
+PACKED_ATTENTION = f"{OP_NAMESPACE}::packed_attention"
+
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::gather_experts", mutates_args=())
 def gather_experts(
@@ -28,8 +42,6 @@ def gather_experts(
 ) -> torch.Tensor:
     """[ceil(E/N), ...] shard on every rank -> [E, ...] full expert tensor (blocking in eager)."""
     if exchange_id:
-        from . import transport  # noqa: F401  (registers zp_compile::shm_gather; imports this module)
-
         gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)
         return unshard_rows(gathered, num_experts).clone()  # the pool keeps `gathered`: never alias it
     gathered = torch.ops._c10d_functional.all_gather_into_tensor(shard.contiguous(), group_size, group_name)

@@ -1,10 +1,11 @@
-"""The saturation threshold, measured at start-up on the machine that serves.
+"""The saturation threshold, measured at start-up on the machine that serves (the deployment plan's
+prediction of it is ``costmodel.planning.predict_threshold``).
 
 T = t_gather * F_peak * gamma (the paper's rule): the FLOPs a rank must spend on one MoE layer for the
 gather of the next layer's expert bank to hide behind it. t_gather is the slowest layer's gather timed
 through the model's own transport (collective or shared memory); F_peak is a matmul of the model's
-dtype timed on this device (``planner.measure_matmul_flops``, which the planner's cpu profile uses
-too). Every rank measures and the ranks agree on the worst case (max t_gather, min F_peak), so every
+dtype timed on this device (``costmodel.hardware.measure_matmul_flops``, which the planner's cpu
+profile uses too). Every rank measures and the ranks agree on the worst case (max t_gather, min F_peak), so every
 rank's scheduler sees the same T.
 """
 
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .models.rewrite import SHARD_SUFFIX
-from .planner import measure_matmul_flops, spec_from_config, threshold_at
+from .costmodel.flops import threshold_at
+from .costmodel.hardware import measure_matmul_flops
+from .costmodel.spec import spec_from_config
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
         return _median_seconds(gather, reps)
 
 
-def saturation_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 2048, reps: int = 3) -> MeasuredThreshold:
+def measure_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 2048, reps: int = 3) -> MeasuredThreshold:
     """Measure T for an optimized ``model`` (collective over its group: call on every rank)."""
     if not hasattr(model, "zero_prefill"):
         raise ValueError(f"{type(model).__name__} is not optimized: call zp_compile.optimize or from_pretrained first")

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .ops import OP_NAMESPACE
+from .compat import storage_use_count
+from .ops import SHM_GATHER
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "zp-shm-"
@@ -146,7 +147,7 @@ class _OutputPool:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         pooled = self._storages.setdefault((tuple(shape), dtype), [])
         for storage in pooled:
-            if torch._C._storage_Use_Count(storage._cdata) == 1:  # only the pool holds it
+            if storage_use_count(storage) == 1:  # only the pool holds it
                 return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         out = torch.empty(shape, dtype=dtype)
         if len(pooled) < self.per_shape:
@@ -339,13 +340,14 @@ def _lookup(exchange_id: str, shard: torch.Tensor, layer: int, slot: int) -> Shm
     return exchange
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::shm_gather", mutates_args=())
+# The op's schema is declared in zp_compile/ops.py; this module owns the exchanges it looks up.
+@torch.library.impl(SHM_GATHER, "CompositeExplicitAutograd")
 def shm_gather(shard: torch.Tensor, exchange_id: str, layer: int, slot: int) -> torch.Tensor:
     """[S, ...] shard -> [N * S, ...] every rank's rows of (layer, slot), copied from shared memory."""
     return _lookup(exchange_id, shard, layer, slot).gather((layer, slot))
 
 
-@shm_gather.register_fake
+@torch.library.register_fake(SHM_GATHER)
 def _(shard: torch.Tensor, exchange_id: str, layer: int, slot: int) -> torch.Tensor:
     exchange = _lookup(exchange_id, shard, layer, slot)
     return shard.new_empty((exchange.world_size * shard.shape[0], *shard.shape[1:]))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compat import fsdp_state
+
 
 def uses_transformers_ep(model: nn.Module) -> bool:
     """True when some experts module still dispatches through transformers' expert-parallel forward."""
@@ -24,7 +26,7 @@ def _strip_fsdp(module: nn.Module) -> None:
 
     if not isinstance(module, FSDPModule):
         return
-    state = module._get_fsdp_state()
+    state = fsdp_state(module)
     # FSDP2 keeps its pre/post forward hooks' handles on its state (torch 2.13).
     for handle in (state._pre_forward_hook_handle, state._post_forward_hook_handle):
         handle.remove()

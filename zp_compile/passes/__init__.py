@@ -25,8 +25,6 @@ from .predicates import is_all_to_all
 from .pin_order import pin_gather_order
 from .schedule_prefetch import schedule_expert_prefetch
 
-PASS_FILES = ("__init__.py", "predicates.py", "lower_gathers.py", "schedule_prefetch.py", "pin_order.py")
-
 
 def reject_all_to_all(graph: Graph) -> None:
     found = [f"{n.name} ({n.target})" for n in graph.nodes if is_all_to_all(n)]

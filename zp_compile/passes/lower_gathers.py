@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._inductor.fx_passes.bucketing import _insert_fn_trace_before_node
 from torch.fx import Graph
 
+from ..compat import insert_fn_trace_before_node
 from ..sharding import unshard_rows
 from .predicates import expert_gather_key, is_expert_gather_marker
 
@@ -59,7 +59,7 @@ def lower_expert_gathers(graph: Graph) -> None:
             fn = functools.partial(_copy_full, num_experts=num_experts, exchange_id=exchange_id, layer=layer, slot=slot)
         else:
             fn = functools.partial(_gather_full, num_experts=num_experts, group_size=group_size, group_name=group_name)
-        _, new_nodes = _insert_fn_trace_before_node(graph, fn, [shard.meta["val"]], marker, [shard], [marker])
+        _, new_nodes = insert_fn_trace_before_node(graph, fn, [shard.meta["val"]], marker, [shard], [marker])
         for node in new_nodes:
             node.meta.update({k: v for k, v in marker.meta.items() if k in ("nn_module_stack", "stack_trace")})
             node.meta["zp_gather_key"] = (layer, slot)

@@ -12,10 +12,10 @@ Inductor's own overlap passes keep their placement with control dependencies
 
 from __future__ import annotations
 
-from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
 from torch.fx import Graph, Node
 from torch.utils._ordered_set import OrderedSet
 
+from ..compat import preserve_node_ordering
 from .predicates import expert_gather_key, is_all_gather, is_compute, is_view
 
 

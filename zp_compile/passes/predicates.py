@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from .. import ops  # noqa: F401  (declares the zp_compile ops these predicates name)
+
 _c10d = torch.ops._c10d_functional
 
 
@@ -19,7 +21,7 @@ def is_all_gather(node: Node) -> bool:
 
 def is_shm_gather(node: Node) -> bool:
     """``zp_compile::shm_gather``: a synchronous copy of every rank's rows out of shared memory."""
-    return node.op == "call_function" and str(node.target) == "zp_compile.shm_gather.default"
+    return node.op == "call_function" and node.target is torch.ops.zp_compile.shm_gather.default
 
 
 def is_wait(node: Node) -> bool:

@@ -1,10 +1,10 @@
 """The front end's handle on the worker ranks: start them, hand each step's batches out, collect results.
 
 Blocking by design: the server calls these from one executor thread, so the asyncio loop (and
-``/health``) never waits on a rank. Protocol and keys: ``zp_compile/server/worker.py``.
+``/health``) never waits on a rank. What crosses, and where: ``zp_compile/contract.py``.
 
 Failure detection, so that no step waits forever:
-- a rank writes ``error/{rank}`` before it exits on an exception;
+- a rank sends ``Failed`` before it exits on an exception;
 - the local torchrun process exits (it kills all ranks when one dies);
 - a rank's heartbeat counter stops moving for ``heartbeat_timeout`` seconds (killed or stopped process);
 - a step takes longer than ``step_timeout`` (a rank stuck in a collective keeps beating).
@@ -12,153 +12,146 @@ Failure detection, so that no step waits forever:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+import zmq
 
-_POLL_S = 0.002  # result polling: a non-blocking store check every 2 ms costs ~0.1 ms of one core
+from .. import contract
+from ..contract import Failed, Keys, Ready, Readout, Seq, Step, StepDone, Stop
+from .settings import ServeSettings, rank_settings
+
 _DUMP_S = 0.5  # how long a rank gets to write its stacks before it is killed
-_CHECK_S = 0.25  # liveness checks (errors, torchrun, heartbeats, timeout) during a step
+_CHECK_S = 0.25  # liveness checks (torchrun, heartbeats, timeout) while waiting on the ranks
 
 
 class RankFailure(RuntimeError):
     """A rank died, hung or raised; the step's work is lost and the ranks must be restarted."""
 
 
-@dataclass(frozen=True)
-class RankSettings:
-    """What every rank loads (written to the store as JSON; read by ``worker.serve``)."""
-
-    model: str
-    ranks: int
-    backend: str = "inductor"
-    prefetch: int = 1
-    transport: str = "auto"  # worker.resolve_transport
-    dtype: str | None = None
-    threads: int | None = None
-    measure_threshold: bool = False  # ranks measure T at start-up (threshold.saturation_threshold)
-    cache_tokens: int = 0  # each rank's prefix KV cache budget (server/kv_cache.py); 0: KV-cache-free
-    max_tokens: int = 0  # the largest step the front end sends a rank (tokens, ServeSettings.max_tokens_per_rank): compiled at warm-up
-
-
 class Ranks:
-    """N ranks started by torchrun, locally (``external=False``) or by the user on other hosts."""
+    """``settings.nproc`` ranks started by torchrun, locally or (``external_ranks``) by the user on other hosts."""
 
-    def __init__(
-        self,
-        settings: RankSettings,
-        *,
-        external: bool = False,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        start_timeout: float = 600.0,
-        step_timeout: float = 120.0,
-        heartbeat_timeout: float = 5.0,
-    ):
+    def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.external = external
-        self.host = host
-        self.start_timeout = start_timeout
-        self.step_timeout = step_timeout
-        self.heartbeat_timeout = heartbeat_timeout
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+        self.ranks = settings.nproc
+        self.store = dist.TCPStore(settings.worker_host, settings.worker_port, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=30))  # fmt: skip
         self.port = self.store.port
+        self._zmq = zmq.Context()
+        self.sock = self._zmq.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a rank that is not connected raises, never drops
+        self.sock.setsockopt(zmq.LINGER, 0)
+        where = f"tcp://{settings.worker_host}"
+        data_port = self.sock.bind_to_random_port(where) if not settings.worker_port else self._bind(where, settings.worker_port + 1)
+        self.data_address = f"{where}:{data_port}"
         self.generation = -1
         self.step = 0
         self.last_seconds: list[float] = []  # each rank's own seconds in the last step (run)
         self.proc: subprocess.Popen | None = None
-        self.info: list[dict] = []
+        self.info: list[Ready] = []
         self._beats: dict[int, tuple[int, float]] = {}
 
+    def _bind(self, where: str, port: int) -> int:
+        self.sock.bind(f"{where}:{port}")
+        return port
+
     @property
-    def prefix(self) -> str:
-        return f"g{self.generation}"
+    def keys(self) -> Keys:
+        return Keys(self.generation)
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.settings.worker_host}:{self.port}"
 
     def worker_command(self) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.settings.ranks}",
-                "-m", "zp_compile.server.worker", "--frontend", self.address]  # fmt: skip
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.ranks}",
+                "-m", "zp_compile.rank", "--frontend", self.address]  # fmt: skip
 
-    def start(self) -> list[dict]:
+    def start(self) -> list[Ready]:
         """Start a new generation of ranks (or wait for external ones to join) and wait until every rank
-        has loaded and compiled the model. Returns each rank's facts (vocab, expert bytes, device)."""
+        has loaded and compiled the model. Returns each rank's ``Ready``."""
         self.generation += 1
         self.step = 0
         self._beats = {}
-        self.store.set(f"{self.prefix}/settings", json.dumps(asdict(self.settings)))
-        self.store.set("generation", str(self.generation))  # after settings: a joining rank reads both
-        if not self.external:
+        self.store.set(self.keys.settings, contract.encode_settings(rank_settings(self.settings, self.data_address)))
+        self.store.set(contract.GENERATION_KEY, str(self.generation))  # after settings: a joining rank reads both
+        if not self.settings.external_ranks:
             # Own session: the whole torchrun tree can be killed at once if a rank hangs.
             self.proc = subprocess.Popen(self.worker_command(), start_new_session=True)
-        keys = [f"{self.prefix}/ready/{r}" for r in range(self.settings.ranks)]
-        deadline = time.monotonic() + self.start_timeout
-        while not self.store.check(keys):
-            self._check_alive(deadline, "start", beats=False)
-            time.sleep(0.05)
-        self.info = [json.loads(self.store.get(k)) for k in keys]
+        ready = self._collect(Ready, time.monotonic() + self.settings.start_timeout, "start", beats=False)
+        self.info = [ready[r] for r in range(self.ranks)]
         return self.info
 
-    def run(self, batches: list[list[dict]]) -> list[list[dict]]:
+    def run(self, batches: list[list[Seq]]) -> list[list[Readout]]:
         """One lockstep step: rank r scores ``batches[r]`` (possibly empty); returns each rank's readouts.
         ``last_seconds``: then each rank's own time for the step (its forward and readouts)."""
-        n, ranks = self.step, range(self.settings.ranks)
-        for r in ranks:
-            self.store.set(f"{self.prefix}/step/{n}/{r}", json.dumps({"seqs": batches[r]}))
-        keys = [f"{self.prefix}/result/{n}/{r}" for r in ranks]
-        deadline = time.monotonic() + self.step_timeout
-        checked = time.monotonic()
-        while not self.store.check(keys):
-            if time.monotonic() - checked > _CHECK_S:
-                self._check_alive(deadline, f"step {n}")
-                checked = time.monotonic()
-            time.sleep(_POLL_S)
+        n = self.step
+        for r, batch in enumerate(batches):
+            self._send(r, Step(n, batch))
+        done = self._collect(StepDone, time.monotonic() + self.settings.step_timeout, f"step {n}", step=n)
         self.step += 1
-        out, self.last_seconds = [], []
-        for r, key in zip(ranks, keys):
-            reply = json.loads(self.store.get(key))
-            out.append(reply["results"])
-            self.last_seconds.append(reply["seconds"])
-            self.store.delete_key(key)
-            self.store.delete_key(f"{self.prefix}/step/{n}/{r}")
-        return out
+        self.last_seconds = [done[r].seconds for r in range(self.ranks)]
+        return [done[r].readouts for r in range(self.ranks)]
+
+    def _send(self, rank: int, message) -> None:
+        try:
+            self.sock.send_multipart([contract.identity(self.generation, rank), contract.encode(message)])
+        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the rank's socket is gone
+            raise RankFailure(f"rank {rank} is not connected ({e})") from None
+
+    def _collect(self, kind: type, deadline: float, what: str, *, beats: bool = True, step: int | None = None) -> dict:
+        """Wait for one ``kind`` message from every rank of this generation (for ``step``), checking
+        liveness every ``_CHECK_S``; a rank's ``Failed`` raises at once. Messages from other
+        generations (ranks of before a restart) are dropped."""
+        got: dict[int, object] = {}
+        ids = {contract.identity(self.generation, r): r for r in range(self.ranks)}
+        while len(got) < self.ranks:
+            # This thread waits in the socket (no polling loop) until a message or the next check is due.
+            if self.sock.poll(_CHECK_S * 1000):
+                sender, data = self.sock.recv_multipart()
+                if sender not in ids:
+                    continue
+                msg = contract.decode_from_rank(data)
+                if isinstance(msg, Failed):
+                    raise RankFailure(msg.message.splitlines()[0])
+                if isinstance(msg, kind) and (step is None or msg.n == step):
+                    got[ids[sender]] = msg
+                continue
+            self._check_alive(deadline, what, beats)
+        return got
 
     def _check_alive(self, deadline: float, what: str, beats: bool = True) -> None:
-        for r in range(self.settings.ranks):
-            key = f"{self.prefix}/error/{r}"
-            if self.store.check([key]):
-                raise RankFailure(self.store.get(key).decode().splitlines()[0])
         if self.proc is not None and self.proc.poll() is not None:
             raise RankFailure(f"the ranks exited (torchrun status {self.proc.returncode}) during {what}")
         if beats:
             self._check_beats(what)
         if time.monotonic() > deadline:
-            limit = self.step_timeout if beats else self.start_timeout
+            limit = self.settings.step_timeout if beats else self.settings.start_timeout
             raise RankFailure(f"{what} did not finish within {limit:g} s")
 
     def _check_beats(self, what: str) -> None:
         now = time.monotonic()
-        for r in range(self.settings.ranks):
-            count = self.store.add(f"{self.prefix}/beat/{r}", 0)
+        for r in range(self.ranks):
+            count = self.store.add(self.keys.beat(r), 0)
             last = self._beats.get(r)
             if last is None or count != last[0]:
                 self._beats[r] = (count, now)
-            elif now - last[1] > self.heartbeat_timeout:
+            elif now - last[1] > self.settings.heartbeat_timeout:
                 raise RankFailure(f"rank {r} stopped responding (no heartbeat for {now - last[1]:.1f} s) during {what}")
 
     def stop(self, grace: float = 10.0) -> None:
         """Ask every rank to exit after its current step; kill them if they have not within ``grace``."""
-        for r in range(self.settings.ranks):
-            self.store.set(f"{self.prefix}/step/{self.step}/{r}", json.dumps({"stop": True}))
+        for r in range(self.ranks):
+            try:
+                self._send(r, Stop())
+            except RankFailure:
+                pass  # already gone
         if self.proc is not None:
             try:
                 self.proc.wait(grace)
@@ -173,9 +166,9 @@ class Ranks:
         """
         if self.proc is None:
             return
-        keys = [f"{self.prefix}/pid/{r}" for r in range(self.settings.ranks)]
+        keys = [self.keys.pid(r) for r in range(self.ranks)]
         ranks = [int(self.store.get(k)) for k in keys if self.store.check([k])]
-        # First each rank's Python stacks to the log (worker.main registers the signal with faulthandler):
+        # First each rank's Python stacks to the log (rank.worker.main registers the signal with faulthandler):
         # where a hung rank waited is the one clue a timeout leaves. A stopped rank dumps nothing.
         for pid in ranks:
             try:

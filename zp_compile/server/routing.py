@@ -1,23 +1,19 @@
-"""The front end's scheduler: prefix-aware routing of sequences to ranks, and admission of each step by
-the saturation threshold T (the paper's front end, NOTES.md).
+"""The front end's threshold scheduler: per-rank queues filled by a routing policy (``policies.py``),
+and admission of each step by the saturation threshold T (the paper's front end).
 
-- Routing, when a sequence arrives: a policy picks its rank from, per rank, the prompt tokens that rank
-  will be able to reuse and the rank's load in true FLOPs (``flops_per_request`` of the uncached tokens
-  after the cached ones), queued and running. The policies share one signature,
-  ``policy(views: list[RankView], n_tokens) -> rank``: ``RoundRobin``, ``least_flops``,
-  ``cache_aware`` (SGLang's router) and ``ZeroPrefill`` (ours: longest cached prefix, unless that
-  pushes the ranks' FLOPs more than a bound apart).
+- Routing, when a sequence arrives: the policy picks its rank from each rank's ``RankView`` (the prompt
+  tokens the rank will reuse, its load in FLOPs).
 - Admission, each step (``ThresholdScheduler.next_step``): every rank takes its queued sequences in
   order until its step's FLOPs reach T, within its token and sequence budgets; a rank still under T
   then takes the oldest sequences other ranks cannot run this step; while even the busiest rank is
   under T and no rank's budget is full, the step is held back, for at most ``max_wait_ms`` after the
-  oldest waiting sequence arrived. A rank runs its step packed (``server/packed.py``): no padding, and
-  a sequence reuses the blocks its rank cached before the step and those an earlier sequence of its
-  batch contains, so a step costs the rank exactly its sequences' FLOPs.
+  oldest waiting sequence arrived. A rank runs its step packed (``zp_compile/rank/packed.py``): no
+  padding, and a sequence reuses the blocks its rank cached before the step and those an earlier
+  sequence of its batch contains, so a step costs the rank exactly its sequences' FLOPs.
 - The front end's view of every rank's prefix cache (``prefix.PrefixCache``) is updated when a step is
   scheduled; the contract the rank-side cache must follow for the view to be exact is in
-  ``zp_compile/server/prefix.py``.
-- ``replay`` runs the same scheduler on a trace under a cost model (no model, no server).
+  ``zp_compile/prefix.py``.
+- ``replay.py`` runs the same scheduler on a trace under a cost model (no model, no server).
 
 Every decision depends only on the arrival order, the injected clock and the step results the
 scheduler itself produced, so a replay is deterministic.
@@ -31,115 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
-from ..planner import ModelSpec, flops_per_request
-from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
+from ..contract import BLOCK
+from ..costmodel.flops import flops_per_request
+from ..costmodel.spec import ModelSpec
+from ..prefix import PrefixCache, block_hashes, cacheable_blocks
+from .policies import POLICIES, RankView, make_policy
 from .scheduler import Sequence
-
-# ----------------------------------------------------------------------------------------------------
-# Policies
-
-
-@dataclass(frozen=True)
-class RankView:
-    """One rank as a routing policy sees it, for the sequence being routed."""
-
-    matched: int  # leading prompt tokens the rank holds or will hold: its cache view + its queued sequences' blocks
-    flops: float  # the sequence's FLOPs there: its tokens after ``matched`` reused ones
-    load_flops: float  # FLOPs queued on the rank (estimates) and running there (the last step)
-    load_tokens: int  # uncached prompt tokens queued and running there
-    tree_tokens: int  # tokens in the cache view plus queued blocks (SGLang's "tree size"; overlaps counted twice)
-
-
-Policy = Callable[[list[RankView], int], int]  # (one view per rank, prompt tokens) -> rank
-
-
-class RoundRobin:
-    """Rank 0, 1, ..., N-1, 0, ... whatever the state."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def __call__(self, ranks: list[RankView], n_tokens: int) -> int:
-        r = self._next % len(ranks)
-        self._next += 1
-        return r
-
-
-def least_flops(ranks: list[RankView], n_tokens: int) -> int:
-    """The rank with the least FLOPs queued and running, blind to prefixes; ties: lowest rank."""
-    return min(range(len(ranks)), key=lambda r: (ranks[r].load_flops, r))
-
-
-def _least_after(ranks: list[RankView]) -> int:
-    """The rank whose load would be least after taking the sequence (its FLOPs there, net of what that
-    rank reuses); ties: lowest rank."""
-    return min(range(len(ranks)), key=lambda r: (ranks[r].load_flops + ranks[r].flops, r))
-
-
-def cache_aware(ranks: list[RankView], n_tokens: int, *, cache_threshold: float = 0.3, balance_abs: int = 64,
-                balance_rel: float = 1.5) -> int:  # fmt: skip
-    """SGLang's router policy ``cache_aware`` (sgl-router ``policies/cache_aware.rs``, defaults
-    cache_threshold 0.3, balance_abs_threshold 64, balance_rel_threshold 1.5).
-
-    Followed: the system is imbalanced when BOTH max - min load > balance_abs AND max > balance_rel x
-    min; then the least-loaded rank. Otherwise the rank with the longest prefix match if its match rate
-    (matched / prompt length) exceeds cache_threshold, else the rank with the smallest tree.
-    Differs: SGLang's load is the count of requests in flight per worker and its approximate tree is
-    over characters, inserted at routing time and trimmed by a periodic eviction thread; here load is
-    uncached prompt tokens queued and running (so 64 is "tokens of queued work"), and the tree is this
-    scheduler's block view (the exact cache mirror plus the blocks of queued sequences, also inserted
-    at routing time).
-    """
-    loads = [v.load_tokens for v in ranks]
-    hi, lo = max(loads), min(loads)
-    if hi - lo > balance_abs and hi > balance_rel * lo:
-        return loads.index(lo)
-    best = max(range(len(ranks)), key=lambda r: (ranks[r].matched, -ranks[r].load_tokens, -r))
-    if n_tokens and ranks[best].matched / n_tokens > cache_threshold:
-        return best
-    return min(range(len(ranks)), key=lambda r: (ranks[r].tree_tokens, r))
-
-
-@dataclass(frozen=True)
-class ZeroPrefill:
-    """Ours: the rank holding the sequence's longest prefix (ties: least load after taking it), unless
-    its load after taking the sequence would exceed the least-loaded rank's load + ``bound_flops``;
-    then, as with no match anywhere, the rank whose load would be least after taking it (which still
-    counts a shorter match elsewhere)."""
-
-    bound_flops: float
-
-    def __call__(self, ranks: list[RankView], n_tokens: int) -> int:
-        after = [v.load_flops + v.flops for v in ranks]
-        best = max(range(len(ranks)), key=lambda r: (ranks[r].matched, -after[r], -r))
-        if ranks[best].matched == 0 or after[best] > min(v.load_flops for v in ranks) + self.bound_flops:
-            return _least_after(ranks)
-        return best
-
-
-POLICIES = ("round_robin", "least_flops", "cache_aware", "zero_prefill")
-
-
-def make_policy(name: str, threshold_flops: float, balance_bound: float = 1.0) -> Policy:
-    """A policy by name; ``zero_prefill``'s bound is ``balance_bound`` x T."""
-    if name == "round_robin":
-        return RoundRobin()
-    if name == "least_flops":
-        return least_flops
-    if name == "cache_aware":
-        return cache_aware
-    if name == "zero_prefill":
-        return ZeroPrefill(balance_bound * threshold_flops)
-    raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Admission
 
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """threshold_flops: T, FLOPs per rank per step (``threshold.saturation_threshold(...).flops_per_step``).
+    """threshold_flops: T, FLOPs per rank per step (``zp_compile.measure_threshold(...).flops_per_step``).
     max_tokens / max_seqs: per rank per step; the tokens counted are the ones the rank computes (each
         sequence's tokens after its reused prefix; a packed step has no padding).
     max_wait_ms: longest a step is held back waiting for more work while every rank is under T.
@@ -484,67 +382,3 @@ class ThresholdScheduler:
         below = max(self._running_flops) < self.settings.threshold_flops
         self.last_step = StepInfo(list(self._running_flops), list(self._running_tokens), cached, below)
         return [f.batch for f in fills]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Replay: the scheduler under a cost model
-
-
-@dataclass(frozen=True)
-class ReplayResult:
-    requests: int
-    prompt_tokens: int
-    seconds: float  # first arrival to the end of the last step
-    steps: int
-    hit_rate: float  # prompt tokens served from a prefix cache / all prompt tokens
-    imbalance: float  # mean over steps of max / mean of the ranks' FLOPs (1 = balanced)
-    below_threshold: float  # share of steps whose busiest rank was under T
-    mean_latency_s: float  # arrival to the end of its step
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.seconds if self.seconds else 0.0
-
-
-def replay(trace: list[tuple[float, list[int]]], spec: ModelSpec, ranks: int, settings: RouterSettings,
-           flops_per_s: float, gather_s: float = 0.0) -> ReplayResult:  # fmt: skip
-    """Run ``ThresholdScheduler`` over ``trace`` ((arrival seconds, token ids), any order) with a step
-    time of max over ranks of the step's FLOPs (packed: what the ranks compute) / ``flops_per_s``, and
-    at least ``gather_s`` (the exposed expert gather of a step under T; 0: compute only). No model, no
-    server."""
-    if flops_per_s <= 0:
-        raise ValueError(f"flops_per_s must be > 0, got {flops_per_s}")
-    trace = sorted(trace, key=lambda x: x[0])
-    now = trace[0][0] if trace else 0.0
-    start = now
-    sched = ThresholdScheduler(ranks, spec, settings, clock=lambda: now)
-    arrival: dict[Sequence, float] = {}
-    i, steps, tokens, hit, imbalance, below, latency = 0, 0, 0, 0, 0.0, 0, 0.0
-    while True:
-        while i < len(trace) and trace[i][0] <= now:
-            s = Sequence(list(trace[i][1]), {}, None)  # no future: nothing awaits a replayed answer
-            arrival[s] = trace[i][0]
-            sched.add([s])
-            i += 1
-        batches = sched.next_step()
-        if any(batches):
-            info = sched.last_step
-            now += max(max(info.flops) / flops_per_s, gather_s)
-            steps += 1
-            below += info.below_threshold
-            imbalance += max(info.flops) * ranks / sum(info.flops) if sum(info.flops) else 1.0
-            for s in (s for b in batches for s in b):
-                tokens += len(s.ids)
-                hit += s.cached_tokens
-                latency += now - arrival.pop(s)
-            continue
-        wake = sched.wake_in()
-        nxt = [t for t in (now + wake if wake is not None else None, trace[i][0] if i < len(trace) else None) if t is not None]
-        if not nxt:
-            break
-        now = max(now, min(nxt))
-    if sched.waiting():
-        raise RuntimeError(f"replay ended with {sched.waiting()} sequences still queued")
-    n = len(trace)
-    return ReplayResult(n, tokens, now - start, steps, hit / tokens if tokens else 0.0, imbalance / steps if steps else 1.0,
-                        below / steps if steps else 0.0, latency / n if n else 0.0)  # fmt: skip

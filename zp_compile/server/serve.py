@@ -8,8 +8,9 @@ import signal
 
 import uvicorn
 
-from .app import ServeSettings, create_app
+from .app import create_app
 from .ranks import Ranks
+from .settings import ServeSettings
 
 log = logging.getLogger("zp_compile.server")
 
@@ -34,7 +35,7 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run(settings: ServeSettings, ranks: Ranks, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+def run(settings: ServeSettings, ranks: Ranks) -> int:
     """Serve until drained (exit status 0) or until the ranks fail with ``on_worker_failure="exit"``
     or cannot start (status 1). Returns the exit status."""
     from transformers import AutoConfig, AutoTokenizer
@@ -49,7 +50,8 @@ def run(settings: ServeSettings, ranks: Ranks, *, host: str = "127.0.0.1", port:
     # Keep-alive longer than clients' idle-connection expiry (httpx 5 s, aiohttp 15 s): with uvicorn's 5 s
     # default, a pooled connection idle while steps run could be closed just as a client sent on it, and
     # that request failed with no response (seen in the load test).
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30, timeout_keep_alive=75)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
+                            timeout_keep_alive=75)  # fmt: skip
     server = DrainingServer(config)
     server.run()
     state = getattr(app.state, "zp", None)

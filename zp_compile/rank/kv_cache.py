@@ -1,12 +1,12 @@
 """A rank's prefix KV cache: reuse the keys and values of a prompt's leading 16-token blocks.
 
-``RankKVCache`` honours the contract in ``server/prefix.py`` the simplest way: it runs the same
+``RankKVCache`` honours the contract in ``zp_compile/prefix.py`` the simplest way: it runs the same
 ``PrefixCache`` on its own batches (rules 2-5) and keeps keys and values for exactly the hashes that
 class holds (rule 3's budget then bounds the KV held). Per held block it keeps, for every layer, the
 block's 16 keys and values as the model's cache stores them (after RoPE, at the block's absolute
 positions: a block is always at the same positions, since its hash covers everything before it).
 
-A step runs as ONE packed forward (``assemble``; the kernel is ``server/packed.py``):
+A step runs as ONE packed forward (``assemble``; the kernel is ``rank/packed.py``):
 
     input_ids [1, L]:     row 0's new tokens | row 1's new tokens | ...      (L = their sum; no padding)
     position_ids [1, L]:  r_b, r_b + 1, ..., n_b - 1 for row b, reusing r_b of its n_b tokens
@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from .prefix import BLOCK, PrefixCache, block_hashes, cacheable_blocks
-from .worker import largest_step, score
+from ..contract import BLOCK, Seq
+from ..prefix import PrefixCache, block_hashes, cacheable_blocks
+from .packed import NAME, no_mask, unsupported
 
 
 class CacheViewMismatch(RuntimeError):
@@ -85,23 +86,23 @@ class RankKVCache:
         self._kv.clear()
 
     # ---- one step ------------------------------------------------------------------------------------
-    def lookup(self, seqs: list[dict]) -> tuple[list[list[bytes]], list[int]]:
+    def lookup(self, seqs: list[Seq]) -> tuple[list[list[bytes]], list[int]]:
         """Each sequence's block hashes and reused tokens (rule 4's lookup: the cache before the step, and
         earlier rows of the step), checked against the front end's ``cached`` count where the payload
         carries one."""
-        hashes = [block_hashes(s["ids"]) for s in seqs]
-        reuse = [h * BLOCK for h in self.blocks.reuse(hashes, [cacheable_blocks(len(s["ids"])) for s in seqs])]
+        hashes = [block_hashes(s.ids) for s in seqs]
+        reuse = [h * BLOCK for h in self.blocks.reuse(hashes, [cacheable_blocks(len(s.ids)) for s in seqs])]
         for i, (s, r) in enumerate(zip(seqs, reuse)):
-            if s.get("cached") is not None and s["cached"] != r:
+            if s.cached is not None and s.cached != r:
                 raise CacheViewMismatch(
-                    f"sequence {i} of this step ({len(s['ids'])} tokens): the front end counted {s['cached']} cached "
+                    f"sequence {i} of this step ({len(s.ids)} tokens): the front end counted {s.cached} cached "
                     f"tokens but this rank reuses {r} of its leading tokens (budget {self.budget_tokens} "
                     f"tokens, {self.tokens} held). The front end's view diverged from the rank: both must follow "
-                    "the contract in zp_compile/server/prefix.py with the same budget and batch order"
+                    "the contract in zp_compile/prefix.py with the same budget and batch order"
                 )
         return hashes, reuse
 
-    def forward(self, model, seqs: list[dict], pad_id: int, device: torch.device) -> torch.Tensor:
+    def forward(self, model, seqs: list[Seq], pad_id: int, device: torch.device) -> torch.Tensor:
         """One step's non-empty batch, packed, with prefix reuse: next-token logits [B, V]. Inserts and
         evicts after the forward (rule 5): the reused blocks' KV is read before anything is freed, and a
         forward that raises leaves the cache as it was. Lookup, assembly and commit are host code outside
@@ -113,13 +114,11 @@ class RankKVCache:
         self.commit(seqs, hashes, reuse, computed, out.cache)
         return out.logits[0, : len(seqs)]  # [B, V]
 
-    def assemble(self, model, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], pad_id: int,
+    def assemble(self, model, seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], pad_id: int,
                  device: torch.device) -> tuple[dict, dict[bytes, int]]:  # fmt: skip
         """The model's keyword arguments for the packed step (see the module docstring), and where the
         keys of each block the step computes start (hash -> index in the layer's P + L keys)."""
         from transformers.cache_utils import DynamicCache
-
-        from .packed import no_mask
 
         self._check_model(model)
         past: dict[bytes, int] = {}  # cached block -> its start in the past [0, P)
@@ -138,8 +137,8 @@ class RankKVCache:
                     spans[-1] = (new, spans[-1][1], start + BLOCK)  # contiguous with the previous block
                 else:
                     spans.append((new, start, start + BLOCK))
-            ids += s["ids"][r:]
-            positions += range(r, len(s["ids"]))
+            ids += s.ids[r:]
+            positions += range(r, len(s.ids))
             spans.append((True, q0, len(ids)))  # its own new tokens, last
             for i in range(r // BLOCK, len(chain)):  # the full blocks it computes, in its new tokens
                 computed.setdefault(chain[i], q0 + i * BLOCK - r)
@@ -178,7 +177,7 @@ class RankKVCache:
         }
         return inputs, {h: P + start for h, start in computed.items()}
 
-    def commit(self, seqs: list[dict], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache) -> None:
+    def commit(self, seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache) -> None:
         """After the forward: copy out the KV of the blocks the step computed (``computed``: where their
         keys start in the forward's cache ``[1, Hkv, P + L, D]``), then ``PrefixCache.step`` (rule 4), and
         keep the KV of exactly the blocks it holds. Copying first: a copy that fails (memory) leaves the
@@ -190,7 +189,7 @@ class RankKVCache:
                 if h not in self._kv:
                     new[h] = (torch.stack([layer.keys[0, :, at : at + BLOCK] for layer in layers]),  # [L, Hkv, 16, Dk], a copy
                               torch.stack([layer.values[0, :, at : at + BLOCK] for layer in layers]))  # fmt: skip
-        limits = [cacheable_blocks(len(s["ids"])) for s in seqs]
+        limits = [cacheable_blocks(len(s.ids)) for s in seqs]
         hits, evicted = self.blocks.step(hashes, limits)
         if [h * BLOCK for h in hits] != reuse:
             raise RuntimeError(f"prefix cache changed during the step: reuse {reuse} at lookup, {[h * BLOCK for h in hits]} at commit")
@@ -202,12 +201,10 @@ class RankKVCache:
     def _check_model(self, model) -> None:
         """A packed step needs the packed attention (``packed.enable``; any other implementation would
         attend across rows) and a model that supports it (``packed.unsupported``)."""
-        from .packed import NAME, unsupported
-
         if model.config._attn_implementation != NAME:
             raise ValueError(
                 f"{type(model).__name__} runs attention {model.config._attn_implementation!r}, but a packed step needs "
-                f"{NAME!r}: call zp_compile.server.packed.enable(model) before its first forward"
+                f"{NAME!r}: call zp_compile.rank.packed.enable(model) before its first forward"
             )
         if self._checked is not type(model):
             if reason := unsupported(model):
@@ -221,34 +218,3 @@ def _static(t: torch.Tensor, *dims: int) -> None:
     64 would pin the past to 64 tokens, and every other past would recompile while serving."""
     for d in dims:
         torch._dynamo.mark_static(t, d)
-
-
-def warm_up(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
-    """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
-    and steps of ``max_tokens`` new tokens (``worker.warm_up`` says why). Uses a scratch cache, so the
-    serving cache starts empty as the front end's view does. Every rank runs the same batches: the same
-    gathers in the same order.
-
-    Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
-    the first time they differ: the warm-up steps keep the sizes that vary apart (L new tokens, P past
-    tokens, B rows, R key ranges); the model's own sizes in the inputs (the past's heads and head dim,
-    the columns of rows and ranges) are compiled as constants (``_static``)."""
-    def row(seed: int, n: int) -> list[int]:
-        return torch.arange(seed, seed + n).remainder(vocab).tolist()
-
-    scratch = RankKVCache(16 * BLOCK)
-    a, b, c, d, e, f = (row(3 + 11 * i, 50) for i in range(6))
-    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 192.
-    score(model, [{"ids": r, "top": 1} for r in (a[:48], a[:43], b[:48], c[:40], d[:45])], 0, device, scratch)
-    # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
-    score(model, [{"ids": r, "top": 1} for r in (a[:40], b[:45], e, e[:35], f[:30])], 0, device, scratch)
-    if rows := largest_step(model, max_tokens, vocab, spare=64):
-        # L = max_tokens + 1 (past Inductor's guard whenever max_tokens is), with P = 0, then P > 0. One
-        # extra row reads another's first block(s), so R != B, as in serving steps with shared prefixes.
-        B = len(rows) + 1
-        scratch = RankKVCache(16 * BLOCK)  # empty: none of these rows may reuse the blocks above
-        score(model, [{"ids": r, "top": 1} for r in rows + [rows[0][:BLOCK] + [7]]], 0, device, scratch)  # R = B + 1
-        P = next(p for p in (48, 64, 80) if p not in (B, 2 * B))
-        base = row(900, P + 1)
-        score(model, [{"ids": base, "top": 1}], 0, device, scratch)  # caches base's P // 16 blocks, inserted last
-        score(model, [{"ids": base[:P] + r, "top": 1} for r in rows + [[9]]], 0, device, scratch)  # R = 2B

@@ -1,4 +1,4 @@
-"""End-to-end demo on an embedded default: ``torchrun --nproc_per_node 2 -m zp_compile.demo``.
+"""End-to-end demo on an embedded default: ``torchrun --nproc_per_node 2 -m zp_compile.tools.demo``.
 
 Builds a tiny random Qwen3-MoE checkpoint locally (no download), loads it with every rank holding 1/N
 of each MoE layer's experts, compiles it with the AsyncEP passes (Inductor), scores a different padded

@@ -13,7 +13,7 @@ past, so one 1,088-token miss among 64-token hits costs the rank 17 times the hi
 can mix misses and hits at their true cost, and a group's first prompt and its followers can run in the
 same step (the followers read the prefix the first one computes).
 
-The kernel is ``zp::packed_attention``, a custom op: dynamo and Inductor see one opaque call per layer
+The kernel is ``zp_compile::packed_attention``, a custom op: dynamo and Inductor see one opaque call per layer
 (its loop over rows depends on the rows' boundaries, host data), so the compiled graph does not
 change with the number or lengths of rows. It runs ``scaled_dot_product_attention`` per row; on a GPU a
 varlen kernel (FlashAttention's ``cu_seqlens``) would do the same in one launch.
@@ -27,10 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import PACKED_ATTENTION
+
 NAME = "zp_packed"
 
 
-@torch.library.custom_op("zp::packed_attention", mutates_args=())
+# The op's schema is declared in zp_compile/ops.py with the project's other custom ops.
+@torch.library.impl(PACKED_ATTENTION, "CompositeExplicitAutograd")
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, ranges: torch.Tensor,
                      scale: float) -> torch.Tensor:  # fmt: skip
     """query [1, H, L, D]; key, value [1, Hkv, K, D] (K = P + L); rows [B, 4] int64 on the host: (query
@@ -63,7 +66,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
-@packed_attention.register_fake
+@torch.library.register_fake(PACKED_ATTENTION)
 def _(query, key, value, rows, ranges, scale):
     return query.new_empty((1, query.shape[2], query.shape[1], value.shape[-1]))
 
@@ -81,7 +84,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if kwargs.get(name) is not None:
             raise ValueError(f"packed attention does not support {name} ({type(module).__name__}); serve this model with padded batches")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return packed_attention(query, key, value, rows, ranges, float(scale)), None
+    return torch.ops.zp_compile.packed_attention(query, key, value, rows, ranges, float(scale)), None
 
 
 def unsupported(model) -> str | None:

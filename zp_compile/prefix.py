@@ -1,10 +1,11 @@
-"""Block hashes of prompts and one rank's prefix cache as a set of blocks with an LRU budget.
+"""Block hashes of prompts and one rank's prefix cache as a set of blocks with an LRU budget: the
+prefix-cache half of the front end <-> rank contract (``zp_compile.contract``), run by both sides.
 
 The front end keeps one ``PrefixCache`` per rank as its view of what that rank's KV cache holds, and
 updates it when it schedules a step, so routing never asks a rank. The view is exact only if the rank's
 cache follows the same rules. The contract for the rank-side KV cache:
 
-1. Blocks: a prompt's token ids are cut into ``BLOCK`` (16) token blocks from position 0; only full
+1. Blocks: a prompt's token ids are cut into ``contract.BLOCK`` (16) token blocks from position 0; only full
    blocks are kept. Block i is named by ``block_hashes(ids)[i]``, a chained hash that covers blocks
    0..i (blake2b, 16 bytes; identical in every process: never Python's salted ``hash``).
 2. Reuse: a prompt reuses the longest run of its leading blocks that the cache holds, and at most
@@ -26,7 +27,7 @@ cache follows the same rules. The contract for the rank-side KV cache:
 5. The rank reads the reused KV during the step's forward and applies the inserts and evictions
    after it (``PrefixCache.step`` returns the evicted hashes in eviction order): for one step the rank
    holds up to the budget plus that step's new KV.
-6. A restarted rank starts empty; the front end then starts a new view (``ThresholdScheduler.drain``).
+6. A restarted rank starts empty; the front end then starts a new view (``server.routing.ThresholdScheduler.drain``).
 
 The simplest way for a rank to honour 2-5 is to run this same class on its own batches and keep KV
 for exactly the hashes it holds; a rank can also compare its reuse with the ``cached_tokens`` the
@@ -40,7 +41,7 @@ import heapq
 import struct
 from collections.abc import Container
 
-BLOCK = 16  # tokens per cache block; equal to the worker's PAD_MULTIPLE, so padded widths stay whole blocks
+from .contract import BLOCK
 
 
 def block_hashes(ids: list[int], block: int = BLOCK) -> list[bytes]:
@@ -59,7 +60,7 @@ def cacheable_blocks(n_tokens: int, block: int = BLOCK) -> int:
 
 
 def kv_bytes_per_token(spec, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes of one token through every layer of a ``planner.ModelSpec`` (MLA: its latent)."""
+    """KV-cache bytes of one token through every layer of a ``costmodel.spec.ModelSpec`` (MLA: its latent)."""
     return spec.layers * spec.kv_elems * dtype_bytes
 
 

@@ -1,0 +1,58 @@
+"""The private torch APIs zp-compile relies on, behind one module.
+
+Each is looked up when first used, not at ``import zp_compile``: a torch release that moved or
+dropped one fails the feature that needs it, with a message naming the API and the torch version,
+instead of an ImportError for every user. The versions these were written against: torch 2.13.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+TESTED_TORCH = "2.13"
+
+
+class TorchCompatError(RuntimeError):
+    """A private torch API zp-compile needs is missing from the installed torch."""
+
+
+def _private(module: str, name: str, needed_for: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise TorchCompatError(
+            f"{module}.{name} is missing from torch {torch.__version__} (zp-compile was written against torch "
+            f"{TESTED_TORCH}); it is needed for {needed_for}: install torch {TESTED_TORCH} or report the version"
+        ) from e
+
+
+def insert_fn_trace_before_node(graph, fn, example_inputs, node, args, erase_after):
+    """Inductor's ``bucketing._insert_fn_trace_before_node``: trace ``fn`` as ATen and splice it before
+    ``node`` with ``meta["val"]`` set (lowering the expert-gather markers)."""
+    f = _private("torch._inductor.fx_passes.bucketing", "_insert_fn_trace_before_node", "lowering expert gathers")
+    return f(graph, fn, example_inputs, node, args, erase_after)
+
+
+def preserve_node_ordering(graph, deps) -> None:
+    """Inductor's ``control_dependencies.preserve_node_ordering``: control edges its scheduler keeps
+    (pinning where each gather is issued)."""
+    _private("torch._inductor.fx_passes.control_dependencies", "preserve_node_ordering", "pinning the gather order")(graph, deps)
+
+
+def storage_use_count(storage: torch.UntypedStorage) -> int:
+    """References to ``storage`` (``torch._C._storage_Use_Count``, as Inductor's cudagraph trees use it):
+    1 means only the caller holds it (the shared-memory transport's output pool)."""
+    return _private("torch._C", "_storage_Use_Count", "the shared-memory transport's buffer pool")(storage._cdata)
+
+
+def fsdp_state(module) -> Any:
+    """FSDP2's per-module state (``FSDPModule._get_fsdp_state``), whose hook handles hold its forward
+    hooks (undoing transformers' expert-parallel FSDP sharding)."""
+    get = getattr(module, "_get_fsdp_state", None)
+    if get is None:
+        raise TorchCompatError(f"FSDPModule._get_fsdp_state is missing from torch {torch.__version__} (zp-compile was written "
+                               f"against torch {TESTED_TORCH}); it is needed to undo transformers' expert-parallel FSDP sharding")  # fmt: skip
+    return get()

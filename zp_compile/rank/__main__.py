@@ -1,0 +1,5 @@
+"""``torchrun ... -m zp_compile.rank --frontend HOST:PORT``: one serving rank."""
+
+from .worker import main
+
+main()

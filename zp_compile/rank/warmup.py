@@ -1,0 +1,93 @@
+"""Make a loaded rank ready to serve: packed steps or padded batches, and the compiles a first request
+would otherwise pay for (``prepare``).
+
+Every rank runs the same warm-up batches, so every rank issues the same gathers in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contract import BLOCK, Seq, Wants
+from . import packed
+from .kv_cache import RankKVCache
+from .step import run_step
+
+_TOP1 = Wants(top=1)
+
+
+def _seqs(rows: list[list[int]]) -> list[Seq]:
+    return [Seq(r, _TOP1) for r in rows]
+
+
+def _row(seed: int, n: int, vocab: int) -> list[int]:
+    return torch.arange(seed, seed + n).remainder(vocab).tolist()
+
+
+def prepare(model, device: torch.device, vocab: int, cache_tokens: int, max_tokens: int) -> RankKVCache | None:
+    """Packed steps (``packed.enable``) and their warm-up, and the rank's prefix KV cache of
+    ``cache_tokens`` (the front end keeps its view with the same budget, zp_compile/prefix.py), returned
+    for ``run_step``. A model that cannot run packed (sliding-window cache layers) gets left-padded
+    batches and None, and cannot keep a cache."""
+    if (reason := packed.unsupported(model)) is None:
+        packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
+        warm_up_packed(model, device, vocab, max_tokens)
+        return RankKVCache(cache_tokens)
+    if cache_tokens:
+        raise ValueError(f"{reason}: prefix KV reuse cannot serve it; use --cache-tokens 0")
+    warm_up_padded(model, device, vocab, max_tokens)
+    return None
+
+
+def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[int]]:
+    """The rows of a warm-up step of ``max_tokens`` tokens in all (none under 2 rows, so B > 1 as in the
+    serving graph): rows of up to 256 tokens that leave ``spare`` of the model's positions free, the
+    last one shorter if 256 does not divide ``max_tokens``."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 256
+    width = min(256, (positions - spare) // BLOCK * BLOCK)
+    if width <= 0 or max_tokens < 2 * width:
+        return []
+    lengths = [width] * (max_tokens // width) + ([max_tokens % width] if max_tokens % width else [])
+    # Rows that differ from their first block on: a packed step would share identical prefixes.
+    return [_row(5 + i, n, vocab) for i, n in enumerate(lengths)]
+
+
+def warm_up_padded(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
+    """Compile before serving: batch 1 and batch > 1 are separate graphs (dynamo specialises size 1).
+
+    ``max_tokens``: also run a step of that many tokens (the front end's largest). Inductor guards some
+    lowerings on the token count: its stable sort of the MoE routing (tokens x top_k) takes another
+    path from 32,767 elements on, so the first step of 8,192 tokens x top-4 would otherwise recompile
+    while serving (~20 s on a CPU for the 82M benchmark model, inside a request's latency)."""
+    ids = _row(3, 2 * BLOCK, vocab)
+    for rows in ([ids, ids[:-5]], [ids]):
+        run_step(model, _seqs(rows), device)
+    if rows := largest_step(model, max_tokens, vocab):
+        run_step(model, _seqs(rows), device)
+
+
+def warm_up_packed(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
+    """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
+    and steps of ``max_tokens`` new tokens (``warm_up_padded`` says why). Uses a scratch cache, so the
+    serving cache starts empty as the front end's view does.
+
+    Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
+    the first time they differ: the warm-up steps keep the sizes that vary apart (L new tokens, P past
+    tokens, B rows, R key ranges); the model's own sizes in the inputs (the past's heads and head dim,
+    the columns of rows and ranges) are compiled as constants (``kv_cache._static``)."""
+    scratch = RankKVCache(16 * BLOCK)
+    a, b, c, d, e, f = (_row(3 + 11 * i, 50, vocab) for i in range(6))
+    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 192.
+    run_step(model, _seqs([a[:48], a[:43], b[:48], c[:40], d[:45]]), device, scratch)
+    # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
+    run_step(model, _seqs([a[:40], b[:45], e, e[:35], f[:30]]), device, scratch)
+    if rows := largest_step(model, max_tokens, vocab, spare=64):
+        # L = max_tokens + 1 (past Inductor's guard whenever max_tokens is), with P = 0, then P > 0. One
+        # extra row reads another's first block(s), so R != B, as in serving steps with shared prefixes.
+        B = len(rows) + 1
+        scratch = RankKVCache(16 * BLOCK)  # empty: none of these rows may reuse the blocks above
+        run_step(model, _seqs(rows + [rows[0][:BLOCK] + [7]]), device, scratch)  # R = B + 1
+        P = next(p for p in (48, 64, 80) if p not in (B, 2 * B))
+        base = _row(900, P + 1, vocab)
+        run_step(model, _seqs([base]), device, scratch)  # caches base's P // 16 blocks, inserted last
+        run_step(model, _seqs([base[:P] + r for r in rows + [[9]]]), device, scratch)  # R = 2B

@@ -1,0 +1,138 @@
+"""One serving rank: ``torchrun ... -m zp_compile.rank --frontend HOST:PORT``.
+
+``zp-compile serve`` starts these itself on one host (through torchrun). On several hosts, start them with
+torchrun on each host and point them at the front end's worker port; they read the model and settings
+from the front end, so every rank serves the same thing. What crosses between a rank and the front end,
+and where: ``zp_compile/contract.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import os
+import signal
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from .. import contract
+from ..contract import Failed, Keys, RankSettings, Ready, StepDone, Stop
+from .step import run_step
+from .warmup import prepare
+
+_IDLE = timedelta(days=7)  # the rendezvous store's timeout for a rank's reads; a dead front end fails it at once
+_LINGER_MS = 2000  # how long a failing rank's socket may take to deliver its Failed message
+
+
+def connect(address: str, timeout: timedelta = _IDLE) -> dist.TCPStore:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--frontend must be HOST:PORT, got {address!r}")
+    return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+
+
+def _heartbeat(address: str, key: str) -> None:
+    store = connect(address, timedelta(seconds=30))
+    while True:
+        try:
+            store.add(key, 1)
+        except Exception:
+            # The front end is gone (killed, crashed): nobody will ever send another step. Exit now; the
+            # main thread may be blocked in a read or in a collective with a peer that never returns.
+            os._exit(3)
+        time.sleep(0.5)
+
+
+def resolve_transport(requested: str, device: torch.device, world: int, local: int) -> str:
+    """``auto``: shared memory when every rank is a CPU process on one host (``local`` ranks on this
+    host == ``world``), else collectives. Every rank decides alike without asking the others: torchrun
+    gives all the same world size, local == world on one host only, and a GPU world is all NCCL."""
+    if requested != "auto":
+        return requested
+    return "shm" if device.type == "cpu" and local == world else "collective"
+
+
+def load(settings: RankSettings, device: torch.device):
+    """The optimized model as ``settings`` say (its transport already resolved), on ``device``."""
+    import zp_compile
+
+    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    return zp_compile.from_pretrained(
+        settings.model,
+        dtype=dtype,
+        prefetch=settings.prefetch,
+        backend=settings.backend,
+        transport=settings.transport,
+        # One compile for every batch shape: the warm-up pays it before the rank reports ready.
+        dynamic=True,
+    ).to(device)
+
+
+def serve(address: str) -> None:
+    import zmq
+
+    store = connect(address)
+    generation = int(store.get(contract.GENERATION_KEY))
+    keys = Keys(generation)
+    settings = contract.decode_settings(store.get(keys.settings))
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store.set(keys.pid(rank), str(os.getpid()))  # lets the front end kill a hung rank on this host
+    # The data channel: a DEALER whose identity names this generation and rank.
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, contract.identity(generation, rank))
+    sock.setsockopt(zmq.LINGER, _LINGER_MS)
+    sock.connect(settings.data_address)
+    try:
+        if world != settings.ranks:
+            raise RuntimeError(f"the front end expects {settings.ranks} ranks but torchrun started {world}")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if cuda:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // local))
+        threading.Thread(target=_heartbeat, args=(address, keys.beat(rank)), daemon=True).start()
+        transport = resolve_transport(settings.transport, device, world, local)
+        settings = msgspec.structs.replace(settings, transport=transport)
+        model = load(settings, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        kv = prepare(model, device, vocab, settings.cache_tokens, settings.max_tokens)
+        threshold = None
+        if settings.measure_threshold:  # collective: every rank measures, all get the same T
+            from ..threshold import measure_threshold
+
+            threshold = measure_threshold(model)
+        sock.send(contract.encode(Ready(rank, vocab, model.zero_prefill.expert_bytes, str(device), transport, kv is not None, threshold)))
+        while True:
+            msg = contract.decode_to_rank(sock.recv())  # blocks until the front end sends: no polling
+            if isinstance(msg, Stop):
+                break
+            started = time.perf_counter()
+            readouts = run_step(model, msg.seqs, device, kv)
+            sock.send(contract.encode(StepDone(msg.n, rank, readouts, time.perf_counter() - started)))
+    except Exception as e:
+        sock.send(contract.encode(Failed(rank, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
+        sock.close()  # delivers Failed within the linger time
+        raise
+    sock.close()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m zp_compile.rank", description="One zp-compile serving rank (start under torchrun).")
+    parser.add_argument("--frontend", required=True, help="HOST:PORT of the front end's worker port")
+    # A crash in native code (a kernel, a transport) then leaves every thread's Python stack in the log.
+    faulthandler.enable()
+    # And on SIGUSR1 (sent before the front end kills a hung rank): every thread's stack, then run on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    serve(parser.parse_args(argv).frontend)

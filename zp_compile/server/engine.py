@@ -1,0 +1,204 @@
+"""The front end's engine: one asyncio loop owns all state (``ServerState``).
+
+Request handlers tokenize, validate and queue ``Sequence``s, then wait for their futures; the step loop
+takes one batch per rank from the scheduler, runs the step on a dedicated thread (``Ranks.run``
+blocks), and resolves the futures. Nothing a rank does can block the loop, so ``/health`` answers
+while a step runs.
+
+Every request gets exactly one answer: its result, or an error with a status. A rank failure answers
+everything in flight and queued with 503; a drain (SIGTERM) lets queued work finish and refuses new work
+with 503; a disconnected client's queued sequences are dropped; ``request_timeout`` bounds every wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import Request
+
+from ..contract import Readout, Wants
+from ..costmodel.flops import flops_per_request
+from ..costmodel.spec import spec_from_config
+from ..threshold import MeasuredThreshold
+from .errors import ApiError
+from .inputs import InputChecks
+from .metrics import Metrics
+from .ranks import RankFailure, Ranks
+from .routing import ThresholdScheduler
+from .scheduler import FifoScheduler, Scheduler, Sequence
+from .settings import ServeSettings, router_settings
+
+log = logging.getLogger("zp_compile.server")
+
+
+class ServerState:
+    """The front end's mutable state; lives on ``app.state.zp``."""
+
+    def __init__(self, settings: ServeSettings, ranks: Ranks, tokenizer, config):
+        self.settings, self.ranks, self.tokenizer = settings, ranks, tokenizer
+        self.spec = spec_from_config(config, settings.model_name)
+        text = config.get_text_config()
+        self.max_model_len = settings.max_model_len or text.max_position_embeddings
+        self.inputs = InputChecks(tokenizer, text.vocab_size, self.max_model_len, settings.max_items, settings.model_name, settings.labels)
+        n = settings.nproc
+        self.scheduler: Scheduler = FifoScheduler(n, settings.max_tokens_per_rank, settings.max_seqs_per_rank)
+        self.threshold: MeasuredThreshold | None = None  # what the ranks measured at start-up
+        self.metrics = Metrics(n)
+        self.status = "starting"  # -> ready -> (unhealthy -> ready | exiting) ; draining
+        self.detail = "loading and compiling the model on every rank"
+        self.draining = False
+        self.exit_code = 0
+        self.exit_requested = False  # the uvicorn server polls it (serve.DrainingServer.on_tick)
+        self.inflight = 0
+        self.running: list[Sequence] = []
+        self.work = asyncio.Event()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="zp-ranks")  # the one thread that talks to ranks
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start_ranks(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            info = await loop.run_in_executor(self.executor, self.ranks.start)
+        except RankFailure as e:
+            log.error("zp-compile: the ranks failed to start: %s", e)
+            await loop.run_in_executor(self.executor, self.ranks.kill)
+            self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
+            self.request_exit(1)
+            return
+        self.threshold = info[0].threshold
+        self.scheduler = self.new_scheduler(info[0].packed)  # a fresh one after a restart: the ranks' caches are gone
+        self.status, self.detail = "ready", f"{len(info)} ranks ready"
+        log.info("zp-compile: %d ranks ready (generation %d, %s transport); serving %s", len(info), self.ranks.generation,
+                 info[0].transport, self.settings.model_name)  # fmt: skip
+
+    def new_scheduler(self, packed: bool) -> Scheduler:
+        """The step scheduler for ranks that run packed steps (or left-padded batches)."""
+        s = self.settings
+        if not s.routed:
+            return FifoScheduler(s.nproc, s.max_tokens_per_rank, s.max_seqs_per_rank, padded=not packed)
+        T = s.threshold_flops or self.threshold.flops_per_step
+        log.info("zp-compile: %s routing, steps filled to T = %.3g FLOPs per rank", s.policy, T)
+        return ThresholdScheduler(s.nproc, self.spec, router_settings(s, T))
+
+    def _wake_later(self) -> None:
+        """A threshold scheduler held the step back for more work: ask again when its wait runs out."""
+        wait = getattr(self.scheduler, "wake_in", lambda: None)()
+        if wait is not None:
+            asyncio.get_running_loop().call_later(wait, self.work.set)
+
+    async def step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.work.wait()
+            self.work.clear()
+            if self.status != "ready":
+                continue
+            batches = self.scheduler.next_step()
+            if not any(batches):
+                self._wake_later()
+                continue
+            self.work.set()  # more may be waiting: come back after this step
+            now = time.monotonic()
+            self.running = [s for b in batches for s in b]
+            for s in self.running:
+                s.started = now
+                self.metrics.queue_time.observe(now - s.arrival)
+            self.metrics.set_queue(len(self.running), self.scheduler.waiting())
+            payload = [[s.message() for s in b] for b in batches]
+            try:
+                results = await loop.run_in_executor(self.executor, self.ranks.run, payload)
+            except RankFailure as e:
+                await self.fail(e)
+                continue
+            finally:
+                self.metrics.step_seconds.observe(time.monotonic() - now)
+            for batch, outs in zip(batches, results):
+                for s, out in zip(batch, outs):
+                    if not s.future.done():
+                        s.future.set_result(out)
+            self.metrics.record_step([sum(len(s.ids) for s in b) for b in batches], [sum(s.flops for s in b) for b in batches],
+                                     self.ranks.last_seconds)  # fmt: skip
+            step = getattr(self.scheduler, "last_step", None)
+            if step is not None:  # the threshold scheduler's view of the step it made
+                self.metrics.record_admission(step.below_threshold, sum(step.cached_tokens))
+            self.running = []
+            self.metrics.set_queue(0, self.scheduler.waiting())
+
+    async def fail(self, error: RankFailure) -> None:
+        """A rank failed: answer everything in flight and queued with 503, then restart or exit."""
+        log.error("zp-compile: worker failure: %s", error)
+        self.status, self.detail = "unhealthy", f"worker failure: {error}"
+        lost = self.running + self.scheduler.drain()
+        self.running = []
+        for s in lost:
+            if not s.future.done():
+                s.future.set_exception(ApiError(503, f"a worker rank failed: {error}", "service_unavailable"))
+        self.metrics.worker_failures.inc()
+        self.metrics.set_queue(0, 0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.ranks.kill)
+        if self.settings.on_worker_failure == "restart" and not self.draining:
+            self.status, self.detail = "starting", f"restarting the ranks after: {error}"
+            await self.start_ranks()
+            self.work.set()
+        else:
+            self.request_exit(1)
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.status == "ready":
+            await loop.run_in_executor(self.executor, self.ranks.stop)
+        else:
+            await loop.run_in_executor(self.executor, self.ranks.kill)
+        self.executor.shutdown(wait=False)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new work (503), let what was accepted finish, then exit."""
+        self.draining = True
+        self.detail = "draining: finishing accepted requests, refusing new ones"
+
+    def request_exit(self, code: int) -> None:
+        self.exit_code = code
+        self.exit_requested = True
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def submit(self, request: Request, seqs: list[Sequence]) -> list[Readout]:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "service_unavailable")
+        if self.status != "ready":
+            raise ApiError(503, f"the server is not ready: {self.detail}", "service_unavailable")
+        if self.scheduler.waiting() + len(seqs) > self.settings.max_waiting:
+            raise ApiError(429, f"the queue is full ({self.settings.max_waiting} sequences waiting); retry later", "rate_limit_error")
+        self.scheduler.add(seqs)
+        self.metrics.set_queue(len(self.running), self.scheduler.waiting())
+        self.work.set()
+        self.inflight += 1
+        gathered = asyncio.gather(*(s.future for s in seqs))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({gathered, gone}, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if gathered in done:
+                return gathered.result()
+            self.metrics.dropped.inc(self.scheduler.discard(seqs))  # nobody will read the answer: do not compute it
+            self.metrics.set_queue(len(self.running), self.scheduler.waiting())
+            gathered.cancel()
+            if gone in done:
+                raise ApiError(499, "the client disconnected", "client_closed")
+            raise ApiError(504, f"no answer within the request timeout ({self.settings.request_timeout:g} s)", "timeout")
+        finally:
+            gone.cancel()
+            self.inflight -= 1
+
+    def sequences(self, ids: list[list[int]], wants: Wants) -> list[Sequence]:
+        loop = asyncio.get_running_loop()
+        self.metrics.prompt_tokens.inc(sum(len(x) for x in ids))
+        return [Sequence(x, wants, loop.create_future(), flops_per_request(self.spec, len(x))) for x in ids]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
