@@ -11,7 +11,7 @@ Model: the project's 82M benchmark shape (Qwen3-MoE, hidden 512, 6 layers, 32 ex
 256, 8 heads of 64, 4 KV heads, vocabulary 4096: benchmarks/throughput.py), as a planner ModelSpec.
 T: the FLOPs of ``--threshold-tokens`` uncached tokens per rank per step, as prompts of 1,024 tokens.
 F: ``--flops-per-s`` per rank (default 50 GFLOP/s, about what the compiled 82M forward reaches on one
-core of this project's CPU: NOTES.md's 3,567 tok/s on 2 ranks x ~29 MFLOP per token).
+core of this project's CPU: docs/platform.md's 3,567 tok/s on 2 ranks x ~29 MFLOP per token).
 
 Traces (token ids random; shared prefixes share exact ids):
 - shared: 16 groups x 32 prompts, a 1,024-token prefix per group + a 64-token question, shuffled;

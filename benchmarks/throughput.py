@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 import zp_compile
 
-# The model shape of the project's reference figures (NOTES): 82M parameters, 25 MB of experts per
+# The model shape of the project's reference figures (docs/platform.md): 82M parameters, 25 MB of experts per
 # layer in bf16, big enough that the gather is not trivial against compute on this CPU.
 MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
 

@@ -68,3 +68,29 @@ def test_the_server_reaches_the_cost_model_without_the_planner():
 def test_no_module_over_450_lines():
     long = {m: n for m, p in imports.modules().items() if (n := len(p.read_text().splitlines())) > 450}
     assert long == {}
+
+
+def test_the_pass_cache_key_hashes_every_file_the_passes_import(monkeypatch):
+    from zp_compile import backend
+
+    hashed = []
+    monkeypatch.setattr(backend, "get_hash_for_files", lambda files, extra: hashed.extend(files) or b"key")
+    backend.ZeroPrefillGraphPass(1).uuid()
+    names = {p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in hashed}
+    # sharding.py (the lowering's unshard), ops.py and compat.py were missing from the old hand list.
+    assert {"zp_compile/sharding.py", "zp_compile/ops.py", "zp_compile/compat.py", "passes/lower_gathers.py"} <= names
+    assert not any("server" in p or "rank" in p for p in hashed)
+
+
+def test_a_missing_private_torch_api_names_itself_and_the_torch_version(monkeypatch):
+    import torch
+
+    from zp_compile import compat
+
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    try:
+        compat.storage_use_count(torch.empty(1).untyped_storage())
+    except compat.TorchCompatError as e:
+        assert "torch._C._storage_Use_Count" in str(e) and torch.__version__ in str(e)
+    else:
+        raise AssertionError("no TorchCompatError")

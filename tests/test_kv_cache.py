@@ -296,3 +296,14 @@ def test_two_ranks_one_hitting_one_missing_stay_in_lockstep(checkpoints):
         assert r["max_abs_diff"] <= TOL, r
         # Every compiled graph (P = 0 or more) gathers every expert bank once.
         assert r["expected_gathers"] > 0 and set(r["gathers_per_graph"]) == {r["expected_gathers"]}, r
+
+
+@pytest.mark.parametrize("experts,k,top", [(32, 4, 1024), (6, 2, 100), (8, 1, 7), (3, 5, 1)])
+def test_expert_matmul_warm_up_sweeps_every_count(experts, k, top):
+    from zp_compile.rank.warmup import sweep_routing
+
+    seen = set()
+    for ids in sweep_routing(experts, k, top):
+        assert len(ids) % k == 0  # whole tokens
+        seen.update(torch.bincount(ids, minlength=experts).tolist())
+    assert set(range(1, top + 1)) <= seen

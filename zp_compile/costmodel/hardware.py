@@ -55,7 +55,7 @@ HARDWARE: dict[str, Hardware] = {
 
 def cpu_hardware(matmul_flops: float, copy_bw: float, memory_bytes: float | None = None, ranks: int = 1) -> Hardware:
     """A CPU "device" from measured numbers (see ``measure_cpu``), one of ``ranks`` sharing the machine's RAM.
-    BF16 weights (these CPUs have AMX). The link is the memory-copy bandwidth, an upper bound: the project's NOTES.md
+    BF16 weights (these CPUs have AMX). The link is the memory-copy bandwidth, an upper bound: docs/platform.md
     measured gloo's all_gather between two local ranks at 0.17-0.27 GB/s (override: --link-gbps)."""
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -14,6 +14,7 @@ from .kv_cache import RankKVCache
 from .step import run_step
 
 _TOP1 = Wants(top=1)
+_MAX_SWEEP = 1024  # tokens-per-expert counts warmed at most: ~2 s of JIT on the 2-core machine
 
 
 def _seqs(rows: list[list[int]]) -> list[Seq]:
@@ -32,11 +33,61 @@ def prepare(model, device: torch.device, vocab: int, cache_tokens: int, max_toke
     if (reason := packed.unsupported(model)) is None:
         packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
         warm_up_packed(model, device, vocab, max_tokens)
-        return RankKVCache(cache_tokens)
-    if cache_tokens:
+        kv = RankKVCache(cache_tokens)
+    elif cache_tokens:
         raise ValueError(f"{reason}: prefix KV reuse cannot serve it; use --cache-tokens 0")
-    warm_up_padded(model, device, vocab, max_tokens)
-    return None
+    else:
+        warm_up_padded(model, device, vocab, max_tokens)
+        kv = None
+    if device.type == "cpu":
+        warm_up_expert_matmuls(model, max_tokens)
+    return kv
+
+
+def warm_up_expert_matmuls(model, max_tokens: int) -> None:
+    """On a CPU, run each kind of experts module once for every tokens-per-expert count that a step of
+    up to ``max_tokens`` tokens is likely to give it (1 to twice the mean at ``max_tokens``, at most
+    ``_MAX_SWEEP``). Only where a gather is a local copy (shared memory, or a world of one).
+
+    The CPU ``grouped_mm`` is one oneDNN matmul per expert, of M = the tokens routed to it, and oneDNN
+    JIT-compiles a kernel for each new M (``rank.worker.ONEDNN_CACHE_CAPACITY`` keeps them). Without
+    this, the first ~15 full steps of the 82M benchmark model ran 1.5-2.5x slower than the steady state
+    while the cache filled. The compiled graph calls the same op on the same layouts, so the kernels
+    made here are the ones it uses; modules of one kind and size share them, so one of each is run.
+    Experts that do not run ``grouped_mm`` are left alone."""
+    text = model.config.get_text_config()
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        return
+    state = model.zero_prefill
+    if state.world_size > 1 and state.config.transport != "shm":
+        return  # each eager call would all-gather the bank over the group: seconds per call on CPU collectives
+    k, hidden = getattr(text, "num_experts_per_tok", None) or 1, text.hidden_size
+    weight = model.get_output_embeddings().weight  # the model's dtype and device
+    seen = set()
+    for layer in state.layers:
+        E = layer.num_experts
+        if (type(layer.module), E) in seen:
+            continue
+        seen.add((type(layer.module), E))
+        for ids in sweep_routing(E, k, max(1, min(_MAX_SWEEP, 2 * max_tokens * k // E))):
+            T = len(ids) // k
+            x = torch.randn(T, hidden, dtype=weight.dtype, device=weight.device)  # [T, H]
+            with torch.inference_mode():
+                layer.module(x, ids.view(T, k).to(weight.device), torch.full((T, k), 1.0 / k, dtype=weight.dtype, device=weight.device))
+
+
+def sweep_routing(experts: int, k: int, top: int) -> list[torch.Tensor]:
+    """Expert ids of ``(token, slot)`` pairs, in whole tokens of ``k`` slots, for calls that together give
+    every expert count 1 .. ``top`` at least once: each call gives experts 1 .. E-1 the next E-1 counts
+    (capped at ``top``) and expert 0 the few pairs (< k) that make the tokens whole."""
+    spread = max(1, experts - 1)
+    out = []
+    for start in range(1, top + 1, spread):
+        counts = torch.arange(start - 1, start - 1 + experts).clamp_(max=top)  # [E]: expert e gets counts[e] pairs
+        counts[0] = 0 if experts > 1 else counts[0] + 1
+        counts[0] += (-int(counts.sum())) % k  # whole tokens
+        out.append(torch.repeat_interleave(torch.arange(experts), counts))
+    return out
 
 
 def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[list[int]]:

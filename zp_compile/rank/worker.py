@@ -26,6 +26,11 @@ from ..contract import Failed, Keys, RankSettings, Ready, StepDone, Stop
 from .step import run_step
 from .warmup import prepare
 
+# oneDNN (torch's CPU matmul for bf16 and fp32) JIT-compiles a kernel per matmul shape and keeps 1,024 in
+# its cache by default. The CPU grouped_mm of a MoE layer is one matmul per expert, M = the tokens routed
+# to it, so every step brings new shapes: with the default the cache thrashes for good (steady-state
+# steps 1.5x slower on the 82M benchmark model, docs/platform.md). Read by oneDNN at its first matmul.
+ONEDNN_CACHE_CAPACITY = "16384"
 _IDLE = timedelta(days=7)  # the rendezvous store's timeout for a rank's reads; a dead front end fails it at once
 _LINGER_MS = 2000  # how long a failing rank's socket may take to deliver its Failed message
 
@@ -118,7 +123,11 @@ def serve(address: str) -> None:
             if isinstance(msg, Stop):
                 break
             started = time.perf_counter()
+            import resource as _r
+            _f0 = _r.getrusage(_r.RUSAGE_SELF).ru_minflt
             readouts = run_step(model, msg.seqs, device, kv)
+            with open(f"/tmp/prof/steps-{rank}.txt", "a") as _f:
+                _f.write(f"{msg.n} {len(msg.seqs)} {sum(len(x.ids) for x in msg.seqs)} {time.perf_counter() - started:.4f} {_r.getrusage(_r.RUSAGE_SELF).ru_minflt - _f0}\n")
             sock.send(contract.encode(StepDone(msg.n, rank, readouts, time.perf_counter() - started)))
     except Exception as e:
         sock.send(contract.encode(Failed(rank, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
@@ -128,7 +137,13 @@ def serve(address: str) -> None:
     dist.destroy_process_group()
 
 
+def configure_process() -> None:
+    """Process-wide settings a serving rank wants before its first matmul (a user's own value wins)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
 def main(argv: list[str] | None = None) -> None:
+    configure_process()
     parser = argparse.ArgumentParser(prog="python -m zp_compile.rank", description="One zp-compile serving rank (start under torchrun).")
     parser.add_argument("--frontend", required=True, help="HOST:PORT of the front end's worker port")
     # A crash in native code (a kernel, a transport) then leaves every thread's Python stack in the log.

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -27,11 +29,21 @@ from .errors import ApiError
 from .inputs import InputChecks
 from .metrics import Metrics
 from .ranks import RankFailure, Ranks
-from .routing import ThresholdScheduler
+from .routing import StepInfo, ThresholdScheduler
 from .scheduler import FifoScheduler, Scheduler, Sequence
 from .settings import ServeSettings, router_settings
 
 log = logging.getLogger("zp_compile.server")
+
+PIPELINE_DEPTH = 2  # steps in flight: one running on the ranks, the next waiting in their sockets
+
+
+@dataclass
+class _InFlight:
+    batches: list[list[Sequence]]  # per rank
+    sent: float  # monotonic seconds
+    admission: StepInfo | None  # the threshold scheduler's record of the step
+    n: int = -1  # the step's number, once Ranks.send has returned it
 
 
 class ServerState:
@@ -52,8 +64,9 @@ class ServerState:
         self.draining = False
         self.exit_code = 0
         self.exit_requested = False  # the uvicorn server polls it (serve.DrainingServer.on_tick)
-        self.inflight = 0
-        self.running: list[Sequence] = []
+        self.inflight = 0  # requests being answered
+        self.in_flight: deque[_InFlight] = deque()  # steps sent to the ranks and not yet answered, oldest first
+        self._last_answer = 0.0
         self.work = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="zp-ranks")  # the one thread that talks to ranks
 
@@ -90,49 +103,74 @@ class ServerState:
             asyncio.get_running_loop().call_later(wait, self.work.set)
 
     async def step_loop(self) -> None:
+        """Keep up to ``PIPELINE_DEPTH`` steps in flight: the next step is scheduled and sent while one
+        runs, so it waits in the ranks' sockets and a rank starts it the moment it has answered the
+        last one (no round trip through the front end between steps). Steps are answered in order."""
         loop = asyncio.get_running_loop()
         while True:
-            await self.work.wait()
-            self.work.clear()
-            if self.status != "ready":
-                continue
-            batches = self.scheduler.next_step()
-            if not any(batches):
-                self._wake_later()
-                continue
-            self.work.set()  # more may be waiting: come back after this step
-            now = time.monotonic()
-            self.running = [s for b in batches for s in b]
-            for s in self.running:
-                s.started = now
-                self.metrics.queue_time.observe(now - s.arrival)
-            self.metrics.set_queue(len(self.running), self.scheduler.waiting())
-            payload = [[s.message() for s in b] for b in batches]
+            if not self.in_flight:
+                await self.work.wait()
+                self.work.clear()
+                if self.status != "ready":
+                    continue
+            if len(self.in_flight) < PIPELINE_DEPTH and self.status == "ready":
+                batches = self.scheduler.next_step()
+                if any(batches):
+                    try:
+                        await self._send(loop, batches)
+                    except RankFailure as e:
+                        await self.fail(e)
+                    continue  # and fill the pipeline further if there is more
+                self._wake_later()  # held back for more work: ask again when the hold runs out
+                if not self.in_flight:
+                    continue
             try:
-                results = await loop.run_in_executor(self.executor, self.ranks.run, payload)
+                await self._receive(loop)
             except RankFailure as e:
                 await self.fail(e)
-                continue
-            finally:
-                self.metrics.step_seconds.observe(time.monotonic() - now)
-            for batch, outs in zip(batches, results):
-                for s, out in zip(batch, outs):
-                    if not s.future.done():
-                        s.future.set_result(out)
-            self.metrics.record_step([sum(len(s.ids) for s in b) for b in batches], [sum(s.flops for s in b) for b in batches],
-                                     self.ranks.last_seconds)  # fmt: skip
-            step = getattr(self.scheduler, "last_step", None)
-            if step is not None:  # the threshold scheduler's view of the step it made
-                self.metrics.record_admission(step.below_threshold, sum(step.cached_tokens))
-            self.running = []
-            self.metrics.set_queue(0, self.scheduler.waiting())
+
+    async def _send(self, loop, batches: list[list[Sequence]]) -> None:
+        now = time.monotonic()
+        for s in (s for b in batches for s in b):
+            s.started = now
+            self.metrics.queue_time.observe(now - s.arrival)
+        payload = [[s.message() for s in b] for b in batches]
+        # In flight before it is sent: a send that fails leaves its sequences where fail() answers them.
+        # The threshold scheduler's view of the step it made (None under fifo), read before it makes the next.
+        step = _InFlight(batches, now, getattr(self.scheduler, "last_step", None))
+        self.in_flight.append(step)
+        step.n = await loop.run_in_executor(self.executor, self.ranks.send, payload)
+        self.metrics.set_queue(self.running(), self.scheduler.waiting())
+
+    async def _receive(self, loop) -> None:
+        step = self.in_flight[0]
+        results, seconds = await loop.run_in_executor(self.executor, self.ranks.receive, step.n)
+        self.in_flight.popleft()
+        now = time.monotonic()
+        # The step's own share of the wall clock: from its send, or from the previous step's answer if it
+        # queued behind that one in the ranks.
+        self.metrics.step_seconds.observe(now - max(step.sent, self._last_answer))
+        self._last_answer = now
+        for batch, outs in zip(step.batches, results):
+            for s, out in zip(batch, outs):
+                if not s.future.done():
+                    s.future.set_result(out)
+        self.metrics.record_step([sum(len(s.ids) for s in b) for b in step.batches], [sum(s.flops for s in b) for b in step.batches],
+                                 seconds)  # fmt: skip
+        if step.admission is not None:
+            self.metrics.record_admission(step.admission.below_threshold, sum(step.admission.cached_tokens))
+        self.metrics.set_queue(self.running(), self.scheduler.waiting())
+
+    def running(self) -> int:
+        """Sequences in the steps in flight."""
+        return sum(len(b) for step in self.in_flight for b in step.batches)
 
     async def fail(self, error: RankFailure) -> None:
         """A rank failed: answer everything in flight and queued with 503, then restart or exit."""
         log.error("zp-compile: worker failure: %s", error)
         self.status, self.detail = "unhealthy", f"worker failure: {error}"
-        lost = self.running + self.scheduler.drain()
-        self.running = []
+        lost = [s for step in self.in_flight for b in step.batches for s in b] + self.scheduler.drain()
+        self.in_flight.clear()
         for s in lost:
             if not s.future.done():
                 s.future.set_exception(ApiError(503, f"a worker rank failed: {error}", "service_unavailable"))
@@ -173,7 +211,7 @@ class ServerState:
         if self.scheduler.waiting() + len(seqs) > self.settings.max_waiting:
             raise ApiError(429, f"the queue is full ({self.settings.max_waiting} sequences waiting); retry later", "rate_limit_error")
         self.scheduler.add(seqs)
-        self.metrics.set_queue(len(self.running), self.scheduler.waiting())
+        self.metrics.set_queue(self.running(), self.scheduler.waiting())
         self.work.set()
         self.inflight += 1
         gathered = asyncio.gather(*(s.future for s in seqs))
@@ -183,7 +221,7 @@ class ServerState:
             if gathered in done:
                 return gathered.result()
             self.metrics.dropped.inc(self.scheduler.discard(seqs))  # nobody will read the answer: do not compute it
-            self.metrics.set_queue(len(self.running), self.scheduler.waiting())
+            self.metrics.set_queue(self.running(), self.scheduler.waiting())
             gathered.cancel()
             if gone in done:
                 raise ApiError(499, "the client disconnected", "client_closed")

@@ -24,7 +24,7 @@ class Metrics:
         self.rank_tokens = Counter("zp_rank_tokens", "prompt tokens scored, per rank", ["rank"], registry=r)
         self.rank_flops = Counter("zp_rank_flops", "model FLOPs run, per rank", ["rank"], registry=r)
         self.rank_busy = Counter("zp_rank_busy_seconds", "each rank's own time in its steps (forward and readouts): "
-                                 "against zp_step_seconds, what the store round trip and the front end add", ["rank"], registry=r)  # fmt: skip
+                                 "against zp_step_seconds, what the round trip to the ranks and the front end add", ["rank"], registry=r)  # fmt: skip
         self.imbalance = Histogram("zp_step_flops_imbalance", "per step: max over ranks of the step's FLOPs / their mean (1 = balanced)",
                                    buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 4, 8, 16), registry=r)  # fmt: skip
         self.below_threshold = Counter("zp_steps_below_threshold", "steps whose busiest rank was under the saturation threshold T", registry=r)

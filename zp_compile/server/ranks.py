@@ -51,8 +51,8 @@ class Ranks:
         data_port = self.sock.bind_to_random_port(where) if not settings.worker_port else self._bind(where, settings.worker_port + 1)
         self.data_address = f"{where}:{data_port}"
         self.generation = -1
-        self.step = 0
-        self.last_seconds: list[float] = []  # each rank's own seconds in the last step (run)
+        self.sent = self.received = 0  # steps of this generation handed out / answered
+        self._early: dict[int, dict[int, StepDone]] = {}  # answers of steps not yet received, by step and rank
         self.proc: subprocess.Popen | None = None
         self.info: list[Ready] = []
         self._beats: dict[int, tuple[int, float]] = {}
@@ -77,8 +77,8 @@ class Ranks:
         """Start a new generation of ranks (or wait for external ones to join) and wait until every rank
         has loaded and compiled the model. Returns each rank's ``Ready``."""
         self.generation += 1
-        self.step = 0
-        self._beats = {}
+        self.sent = self.received = 0
+        self._early, self._beats = {}, {}
         self.store.set(self.keys.settings, contract.encode_settings(rank_settings(self.settings, self.data_address)))
         self.store.set(contract.GENERATION_KEY, str(self.generation))  # after settings: a joining rank reads both
         if not self.settings.external_ranks:
@@ -88,16 +88,28 @@ class Ranks:
         self.info = [ready[r] for r in range(self.ranks)]
         return self.info
 
-    def run(self, batches: list[list[Seq]]) -> list[list[Readout]]:
-        """One lockstep step: rank r scores ``batches[r]`` (possibly empty); returns each rank's readouts.
-        ``last_seconds``: then each rank's own time for the step (its forward and readouts)."""
-        n = self.step
+    def send(self, batches: list[list[Seq]]) -> int:
+        """Hand out one lockstep step: rank r scores ``batches[r]`` (possibly empty). Returns the step's
+        number for ``receive``. Steps queue in the ranks' sockets: a rank starts the next one as soon as
+        it has answered this one, so a step sent while another runs costs the ranks no wait."""
+        n = self.sent
         for r, batch in enumerate(batches):
             self._send(r, Step(n, batch))
+        self.sent += 1
+        return n
+
+    def receive(self, n: int) -> tuple[list[list[Readout]], list[float]]:
+        """Step ``n``'s readouts per rank, and each rank's own seconds for it (its forward and readouts).
+        Steps are received in the order they were sent."""
+        if n != self.received:
+            raise ValueError(f"step {n} received out of order: step {self.received} is next")
         done = self._collect(StepDone, time.monotonic() + self.settings.step_timeout, f"step {n}", step=n)
-        self.step += 1
-        self.last_seconds = [done[r].seconds for r in range(self.ranks)]
-        return [done[r].readouts for r in range(self.ranks)]
+        self.received += 1
+        return [done[r].readouts for r in range(self.ranks)], [done[r].seconds for r in range(self.ranks)]
+
+    def run(self, batches: list[list[Seq]]) -> tuple[list[list[Readout]], list[float]]:
+        """One step, sent and received."""
+        return self.receive(self.send(batches))
 
     def _send(self, rank: int, message) -> None:
         try:
@@ -107,9 +119,10 @@ class Ranks:
 
     def _collect(self, kind: type, deadline: float, what: str, *, beats: bool = True, step: int | None = None) -> dict:
         """Wait for one ``kind`` message from every rank of this generation (for ``step``), checking
-        liveness every ``_CHECK_S``; a rank's ``Failed`` raises at once. Messages from other
-        generations (ranks of before a restart) are dropped."""
-        got: dict[int, object] = {}
+        liveness every ``_CHECK_S``; a rank's ``Failed`` raises at once. A later step's ``StepDone``
+        (a fast rank, steps in flight) is kept for its own ``receive``; messages from other generations
+        (ranks of before a restart) are dropped."""
+        got: dict[int, object] = self._early.pop(step, {}) if step is not None else {}
         ids = {contract.identity(self.generation, r): r for r in range(self.ranks)}
         while len(got) < self.ranks:
             # This thread waits in the socket (no polling loop) until a message or the next check is due.
@@ -120,7 +133,9 @@ class Ranks:
                 msg = contract.decode_from_rank(data)
                 if isinstance(msg, Failed):
                     raise RankFailure(msg.message.splitlines()[0])
-                if isinstance(msg, kind) and (step is None or msg.n == step):
+                if isinstance(msg, StepDone) and step is not None and msg.n != step:
+                    self._early.setdefault(msg.n, {})[ids[sender]] = msg
+                elif isinstance(msg, kind):
                     got[ids[sender]] = msg
                 continue
             self._check_alive(deadline, what, beats)

@@ -182,8 +182,10 @@ class ThresholdScheduler:
        Filling to T stops at the first sequence that crosses it, and ranks cross it by different amounts.
     6. Then the step is committed: the prefix-cache views are updated per rank in batch order,
        each sequence gets ``rank``, ``cached_tokens`` and its true ``flops``, and ``last_step`` describes
-       the step. The step returned by the previous call is taken to have finished (the server's step
-       loop asks again only after it has).
+       the step. Its FLOPs count as the ranks' running load (what routing sees) until the next call.
+       The server asks for the next step while this one runs (two steps in flight, ``engine.py``): the
+       ranks run steps in the order they were made, so the views stay exact; only the running load
+       routing sees is the newest step's, not both.
 
     ``clock`` gives seconds (default time.monotonic); inject one to make tests and replays deterministic.
     """
