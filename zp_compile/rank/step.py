@@ -32,11 +32,6 @@ def batch_inputs(seqs: list[list[int]], pad_id: int = PAD_ID) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def padded_tokens(lengths: list[int]) -> int:
-    """Tokens a left-padded batch of these prompt lengths computes: rows x the widest, in whole blocks."""
-    return len(lengths) * -(-max(lengths, default=0) // BLOCK) * BLOCK
-
-
 def readouts(logits: torch.Tensor, seqs: list[Seq]) -> list[Readout]:
     """What each sequence asked for (``Seq.wants``), from its next-token logits ``[B, V]``."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..contract import BLOCK
 from . import protocol as p
 from . import serving
 from .engine import ServerState
@@ -22,6 +21,7 @@ from .errors import install_handlers
 from .guard import Guard
 from .inputs import label_token_ids
 from .ranks import Ranks
+from .scheduler import step_tokens
 from .settings import ServeSettings
 
 _ERRORS = {400: {"model": p.ErrorResponse}}
@@ -31,7 +31,7 @@ def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> Fast
     """The FastAPI app. ``ranks`` is started in the background at start-up; ``/health`` says when ready."""
     label_token_ids(tokenizer, settings.labels)  # bad labels fail here, before anything starts
     longest = settings.max_model_len or config.get_text_config().max_position_embeddings
-    if -(-longest // BLOCK) * BLOCK > settings.max_tokens_per_rank:
+    if step_tokens([longest], padded=True) > settings.max_tokens_per_rank:  # padded: the stricter count
         raise ValueError(f"the longest input ({longest} tokens, --max-model-len) cannot fit one rank's step of "
                          f"{settings.max_tokens_per_rank} tokens (--max-tokens-per-rank): raise that or lower --max-model-len")  # fmt: skip
 

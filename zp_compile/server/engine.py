@@ -1,8 +1,8 @@
 """The front end's engine: one asyncio loop owns all state (``ServerState``).
 
 Request handlers tokenize, validate and queue ``Sequence``s, then wait for their futures; the step loop
-takes one batch per rank from the scheduler, runs the step on a dedicated thread (``Ranks.run``
-blocks), and resolves the futures. Nothing a rank does can block the loop, so ``/health`` answers
+takes one batch per rank from the scheduler, sends and receives steps on a dedicated thread
+(``Ranks.send`` and ``Ranks.receive`` block), and resolves the futures. Nothing a rank does can block the loop, so ``/health`` answers
 while a step runs.
 
 Every request gets exactly one answer: its result, or an error with a status. A rank failure answers
@@ -65,7 +65,7 @@ class ServerState:
         self.exit_code = 0
         self.exit_requested = False  # the uvicorn server polls it (serve.DrainingServer.on_tick)
         self.inflight = 0  # requests being answered
-        self.in_flight: deque[_InFlight] = deque()  # steps sent to the ranks and not yet answered, oldest first
+        self.steps_in_flight: deque[_InFlight] = deque()  # steps sent to the ranks and not yet answered, oldest first
         self._last_answer = 0.0
         self.work = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="zp-ranks")  # the one thread that talks to ranks
@@ -108,12 +108,12 @@ class ServerState:
         last one (no round trip through the front end between steps). Steps are answered in order."""
         loop = asyncio.get_running_loop()
         while True:
-            if not self.in_flight:
+            if not self.steps_in_flight:
                 await self.work.wait()
                 self.work.clear()
                 if self.status != "ready":
                     continue
-            if len(self.in_flight) < PIPELINE_DEPTH and self.status == "ready":
+            if len(self.steps_in_flight) < PIPELINE_DEPTH and self.status == "ready":
                 batches = self.scheduler.next_step()
                 if any(batches):
                     try:
@@ -122,7 +122,7 @@ class ServerState:
                         await self.fail(e)
                     continue  # and fill the pipeline further if there is more
                 self._wake_later()  # held back for more work: ask again when the hold runs out
-                if not self.in_flight:
+                if not self.steps_in_flight:
                     continue
             try:
                 await self._receive(loop)
@@ -138,14 +138,14 @@ class ServerState:
         # In flight before it is sent: a send that fails leaves its sequences where fail() answers them.
         # The threshold scheduler's view of the step it made (None under fifo), read before it makes the next.
         step = _InFlight(batches, now, getattr(self.scheduler, "last_step", None))
-        self.in_flight.append(step)
+        self.steps_in_flight.append(step)
         step.n = await loop.run_in_executor(self.executor, self.ranks.send, payload)
         self.metrics.set_queue(self.running(), self.scheduler.waiting())
 
     async def _receive(self, loop) -> None:
-        step = self.in_flight[0]
+        step = self.steps_in_flight[0]
         results, seconds = await loop.run_in_executor(self.executor, self.ranks.receive, step.n)
-        self.in_flight.popleft()
+        self.steps_in_flight.popleft()
         now = time.monotonic()
         # The step's own share of the wall clock: from its send, or from the previous step's answer if it
         # queued behind that one in the ranks.
@@ -163,14 +163,14 @@ class ServerState:
 
     def running(self) -> int:
         """Sequences in the steps in flight."""
-        return sum(len(b) for step in self.in_flight for b in step.batches)
+        return sum(len(b) for step in self.steps_in_flight for b in step.batches)
 
     async def fail(self, error: RankFailure) -> None:
         """A rank failed: answer everything in flight and queued with 503, then restart or exit."""
         log.error("zp-compile: worker failure: %s", error)
         self.status, self.detail = "unhealthy", f"worker failure: {error}"
-        lost = [s for step in self.in_flight for b in step.batches for s in b] + self.scheduler.drain()
-        self.in_flight.clear()
+        lost = [s for step in self.steps_in_flight for b in step.batches for s in b] + self.scheduler.drain()
+        self.steps_in_flight.clear()
         for s in lost:
             if not s.future.done():
                 s.future.set_exception(ApiError(503, f"a worker rank failed: {error}", "service_unavailable"))

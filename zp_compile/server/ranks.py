@@ -107,10 +107,6 @@ class Ranks:
         self.received += 1
         return [done[r].readouts for r in range(self.ranks)], [done[r].seconds for r in range(self.ranks)]
 
-    def run(self, batches: list[list[Seq]]) -> tuple[list[list[Readout]], list[float]]:
-        """One step, sent and received."""
-        return self.receive(self.send(batches))
-
     def _send(self, rank: int, message) -> None:
         try:
             self.sock.send_multipart([contract.identity(self.generation, rank), contract.encode(message)])
