@@ -123,11 +123,7 @@ def serve(address: str) -> None:
             if isinstance(msg, Stop):
                 break
             started = time.perf_counter()
-            import resource as _r
-            _f0 = _r.getrusage(_r.RUSAGE_SELF).ru_minflt
             readouts = run_step(model, msg.seqs, device, kv)
-            with open(f"/tmp/prof/steps-{rank}.txt", "a") as _f:
-                _f.write(f"{msg.n} {len(msg.seqs)} {sum(len(x.ids) for x in msg.seqs)} {time.perf_counter() - started:.4f} {_r.getrusage(_r.RUSAGE_SELF).ru_minflt - _f0}\n")
             sock.send(contract.encode(StepDone(msg.n, rank, readouts, time.perf_counter() - started)))
     except Exception as e:
         sock.send(contract.encode(Failed(rank, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
