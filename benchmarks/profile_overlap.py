@@ -5,8 +5,10 @@
 Open ``traces/rank0.json`` in chrome://tracing or https://ui.perfetto.dev. The thread running the model
 shows the compiled forward's operators; ``_c10d_functional::all_gather_into_tensor`` marks where a
 layer's gather is issued (one layer ahead) and ``_c10d_functional::wait_tensor`` where the model blocks
-for it. gloo moves the bytes on its own threads (``gloo:all_gather``). The overlap fraction printed is
-|gather ∩ compute| / |gather| (``zp_compile.tools.profiling``); ``wait`` is the model thread's blocked time.
+for it. On CPU gloo moves the bytes on its own threads (``gloo:all_gather``); on GPUs (``--device cuda``
+or auto, NCCL) the trace holds the device timeline, and NCCL's kernels on their stream are read against
+the compute kernels. The overlap fraction printed is |gather ∩ compute| / |gather|
+(``zp_compile.tools.profiling``); ``wait`` is the time compute stalled for a gather.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 import zp_compile
+from zp_compile.devices import process_group_backend, resolve_device, synchronize
 from zp_compile.tools.profiling import overlap_from_events
 
 from throughput import checkpoint
@@ -31,18 +34,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="cuda (rank i on cuda:LOCAL_RANK), cpu, or auto")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(process_group_backend(device))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     rank = dist.get_rank()
-    model = zp_compile.from_pretrained(checkpoint(rank), dtype=torch.bfloat16, prefetch=args.prefetch)
-    ids = torch.randint(3, model.config.vocab_size, (args.tokens // args.context, args.context))
+    model = zp_compile.from_pretrained(checkpoint(rank), dtype=torch.bfloat16, device=device, prefetch=args.prefetch)
+    ids = torch.randint(3, model.config.vocab_size, (args.tokens // args.context, args.context), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode():
         model(input_ids=ids)  # compile
         model(input_ids=ids)
+        synchronize(device)
         dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             model(input_ids=ids)
+            synchronize(device)
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / f"rank{rank}.json"))
     o = overlap_from_events(prof.profiler.function_events)

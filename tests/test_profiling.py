@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-from zp_compile.tools.profiling import intersect, overlap_from_events, subtract, union
+from zp_compile.tools.profiling import intersect, overlap_from_device_events, overlap_from_events, subtract, union
 
 
 def ev(name, thread, start, end, parent=None):
@@ -34,3 +34,24 @@ def test_overlap_fraction():
 
 def test_no_gather_means_zero_fraction():
     assert overlap_from_events([ev("aten::mm", 1, 0, 5)]).fraction == 0.0
+
+
+def kernel(name, start, end, stream=7):
+    return NS(name=name, thread=0, time_range=NS(start=start, end=end), cpu_parent=None, device_type="DeviceType.CUDA", stream=stream)
+
+
+def test_gpu_trace_reads_the_collective_kernels_against_compute_kernels():
+    """On a GPU the host thread only launches: the overlap comes from the device timeline, NCCL's kernels
+    on their stream against the compute kernels on theirs (the host events are ignored)."""
+    events = [
+        ev("Torch-Compiled Region: 0/0", 1, 0, 5),  # the host returns at once: launches only
+        ev("_c10d_functional::wait_tensor", 1, 4, 5),
+        kernel("triton_poi_fused_mul_0", 0, 30),
+        kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 35, 60),
+        kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 10, 50, stream=20),
+    ]
+    o = overlap_from_events(events)
+    assert (o.gather_us, o.overlapped_us, o.wait_us, o.compute_us) == (40, 35, 5, 55)
+    copies = overlap_from_device_events(events[2:4] + [kernel("Memcpy DtoD (Device -> Device)", 20, 40, stream=20)],
+                                        is_transfer=lambda name: name.startswith("Memcpy DtoD"))  # fmt: skip
+    assert copies.fraction == 1.0

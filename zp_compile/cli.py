@@ -144,6 +144,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--transport", default=d.transport, choices=TRANSPORTS,
                    help="how ranks gather expert weights: shm (shared memory; ranks on one host, fastest on CPU) or "
                    "collective (all-gathers: NCCL, gloo); auto (default): shm when every rank is a CPU process on one host")  # fmt: skip
+    p.add_argument("--device", default=d.device,
+                   help="where each rank runs: cuda (rank i on cuda:LOCAL_RANK, NCCL between ranks; an error if CUDA does not "
+                   "work), cpu (gloo), or auto (default): cuda when it works, else cpu")  # fmt: skip
     p.add_argument("--prefetch", type=int, default=d.prefetch)
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")
@@ -196,6 +199,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: no config.json there")
     args.model, args.model_name, args.labels = str(model.resolve()), args.model_name or model.name, args.labels or []
     settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    if not settings.external_ranks:  # ranks on this host: a device they cannot use fails here, before they start
+        from .devices import resolve_device
+
+        logging.getLogger("zp_compile.server").info("zp-compile: ranks on %s (--device %s)", resolve_device(settings.device).type, settings.device)
     ranks = Ranks(settings)
     if settings.external_ranks:
         print(f"zp-compile serve: waiting for {settings.nproc} ranks; on each host run\n"

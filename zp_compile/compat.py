@@ -56,3 +56,11 @@ def fsdp_state(module) -> Any:
         raise TorchCompatError(f"FSDPModule._get_fsdp_state is missing from torch {torch.__version__} (zp-compile was written "
                                f"against torch {TESTED_TORCH}); it is needed to undo transformers' expert-parallel FSDP sharding")  # fmt: skip
     return get()
+
+
+def no_duck_sizing():
+    """A context in which dynamo gives every dynamic size its own symbol (``use_duck_shape=False``):
+    sizes that happen to be equal when a function is traced (a step's queries and keys when nothing is
+    cached) are not tied together, so the first call where they differ does not recompile."""
+    patch = _private("torch.fx.experimental._config", "patch", "compiling the packed attention kernel once for all sizes")
+    return patch(use_duck_shape=False)

@@ -42,6 +42,7 @@ class RankSettings(msgspec.Struct, frozen=True, kw_only=True):
     backend: str = "inductor"
     prefetch: int = 1
     transport: str = "auto"
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA works, else cpu; cuda: cuda:LOCAL_RANK or fail (zp_compile.devices)
     dtype: str | None = None
     threads: int | None = None  # CPU threads per rank; None: cores / local ranks
     measure_threshold: bool = False  # ranks measure T at start-up (zp_compile.measure_threshold)

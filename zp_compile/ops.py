@@ -13,8 +13,9 @@
   ``(layer, slot)`` copied out of a shared-memory exchange, ``[N * S, ...]``. Implemented (kernel and
   fake) by ``zp_compile.transport``, which owns the exchanges the op looks up; an ``exchange_id`` only
   exists once that module has made one.
-- ``zp_compile::packed_attention(query, key, value, rows, ranges, scale)``: one packed serving step's
-  attention (``zp_compile.rank.packed`` implements it and documents the layout).
+- ``zp_compile::packed_attention(query, key, value, rows, ranges, scale, window, chunk, sinks)``: one
+  packed serving step's attention for one layer (``zp_compile.rank.packed`` implements it and documents
+  the layout and the mask rule).
 
 The schemas are declared with ``torch.library.define`` so that a module that only needs an op's
 identity (the passes' predicates) imports this leaf module and nothing that implements it.
@@ -30,7 +31,8 @@ OP_NAMESPACE = "zp_compile"
 
 _lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - the namespace's schemas live as long as the process
 _lib.define("shm_gather(Tensor shard, str exchange_id, int layer, int slot) -> Tensor")
-_lib.define("packed_attention(Tensor query, Tensor key, Tensor value, Tensor rows, Tensor ranges, float scale) -> Tensor")
+_lib.define("packed_attention(Tensor query, Tensor key, Tensor value, Tensor rows, Tensor ranges, float scale, int window=0, "
+            "int chunk=0, Tensor? sinks=None) -> Tensor")
 
 SHM_GATHER = f"{OP_NAMESPACE}::shm_gather"
 PACKED_ATTENTION = f"{OP_NAMESPACE}::packed_attention"

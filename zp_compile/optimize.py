@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backend import INNER_BACKENDS, zero_prefill_backend
+from .devices import collective_device, module_device, process_group_backend, resolve_device
 from .models.discovery import MoELayer, find_moe_layers
 from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer, use_shared_memory
 from .models.transformers_ep import adopt_transformers_ep, uses_transformers_ep
@@ -191,6 +192,14 @@ def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[Mo
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
     exchange = None
+    device = module_device(model)
+    if config.transport == "shm" and device.type != "cpu":
+        raise ValueError(f"transport='shm' gathers expert shards through host shared memory, but this model is on {device}: "
+                         "use transport='collective' (NCCL between GPUs)")  # fmt: skip
+    if config.transport == "collective" and world_size > 1 and collective_device(group, device).type != device.type:
+        raise ValueError(f"the process group's backend ({dist.get_backend(group)}) gathers tensors on "
+                         f"{collective_device(group, device).type}, but this model is on {device}: start the group with "
+                         f"backend {process_group_backend(device)!r} (zp_compile.devices.process_group_backend)")  # fmt: skip
     if config.transport == "shm" and world_size > 1:
         exchange = use_shared_memory(layers, group)  # collective, once
     state = ZeroPrefillState(config, group, world_size, rank, layers, expert_bytes(layers), exchange)
@@ -228,6 +237,7 @@ def from_pretrained(
     group: dist.ProcessGroup | None = None,
     *,
     dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
     prefetch: int = 1,
     resident_first_layer: bool = False,
     backend: str = "inductor",
@@ -238,12 +248,15 @@ def from_pretrained(
     """Load a safetensors checkpoint directory with only this rank's expert shards, then ``optimize``.
 
     No rank ever holds more than its share of any expert bank (resident first layer excepted).
+    ``device``: where the model goes; default ``cuda:LOCAL_RANK`` when CUDA works (one GPU per rank,
+    as torchrun numbers them), else the CPU. Asking for CUDA that does not work raises ``ValueError``.
     """
     from .models.loading import load_sharded
 
     config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport)
+    device = resolve_device(device)
     group = _default_group(group)
-    model, layers = load_sharded(path, group, dtype=dtype, resident_first_layer=config.resident_first_layer)
+    model, layers = load_sharded(path, group, dtype=dtype, device=device, resident_first_layer=config.resident_first_layer)
     return _compile(model, group, config, layers)
 
 

@@ -4,9 +4,11 @@ prediction of it is ``costmodel.planning.predict_threshold``).
 T = t_gather * F_peak * gamma (the paper's rule): the FLOPs a rank must spend on one MoE layer for the
 gather of the next layer's expert bank to hide behind it. t_gather is the slowest layer's gather timed
 through the model's own transport (collective or shared memory); F_peak is a matmul of the model's
-dtype timed on this device (``costmodel.hardware.measure_matmul_flops``, which the planner's cpu
-profile uses too). Every rank measures and the ranks agree on the worst case (max t_gather, min F_peak), so every
-rank's scheduler sees the same T.
+dtype timed on the model's device (``costmodel.hardware.measure_matmul_flops``, which the planner's cpu
+profile uses too). Both are timed with the device synchronised around them (``devices.synchronize``: on a
+GPU the host clock alone would time the launches). Every rank measures and the ranks agree on the worst
+case (max t_gather, min F_peak) with one all-reduce, on the device the group's backend moves (CUDA for
+NCCL, the CPU for gloo), so every rank's scheduler sees the same T.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .models.rewrite import SHARD_SUFFIX
 from .costmodel.flops import threshold_at
 from .costmodel.hardware import measure_matmul_flops
 from .costmodel.spec import spec_from_config
+from .devices import collective_device, module_device, synchronize
+from .models.rewrite import SHARD_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,13 @@ class MeasuredThreshold:
     flops_per_step: float  # those tokens' FLOPs through the whole model, per rank
 
 
-def _median_seconds(fn, reps: int) -> float:
+def _median_seconds(fn, reps: int, device: torch.device) -> float:
     times = []
     for _ in range(reps + 1):  # the first run warms up (allocations, pools)
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)  # an NCCL all-gather returns once queued: wait for it to land
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -60,7 +65,7 @@ def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
     if model.zero_prefill.group is not None:
         dist.barrier(model.zero_prefill.group)
     with torch.inference_mode():
-        return _median_seconds(gather, reps)
+        return _median_seconds(gather, reps, module_device(model))
 
 
 def measure_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 2048, reps: int = 3) -> MeasuredThreshold:
@@ -70,10 +75,11 @@ def measure_threshold(model: nn.Module, *, gamma: float = 1.2, context: int = 20
     if gamma <= 0 or context <= 0:
         raise ValueError(f"gamma and context must be positive, got gamma={gamma}, context={context}")
     t_gather = measure_gather_s(model, reps)
-    peak = measure_matmul_flops(model.dtype, seconds=0.3)
+    device = module_device(model)
+    peak = measure_matmul_flops(model.dtype, seconds=0.3, device=device)
     group = model.zero_prefill.group
     if group is not None:
-        worst = torch.tensor([t_gather, -peak], dtype=torch.float64)
+        worst = torch.tensor([t_gather, -peak], dtype=torch.float64, device=collective_device(group, device))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)  # every rank gets the same T
         t_gather, peak = worst[0].item(), -worst[1].item()
     spec = spec_from_config(model.config)

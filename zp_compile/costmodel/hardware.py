@@ -62,22 +62,43 @@ def cpu_hardware(matmul_flops: float, copy_bw: float, memory_bytes: float | None
     return Hardware("cpu", matmul_flops, matmul_flops, 2, memory_bytes / ranks, copy_bw, copy_bw, copy_bw, hop_latency_s=50e-6)
 
 
-def _rate(fn, work: float, budget: float) -> float:
-    """``work`` units per second of ``fn``, run repeatedly for about ``budget`` seconds after a warm-up."""
+def _rate(fn, work: float, budget: float, device=None) -> float:
+    """``work`` units per second of ``fn``, run repeatedly for about ``budget`` seconds after a warm-up.
+    On an accelerator the device is synchronised before the clock starts and before it stops (the host
+    clock alone would time the launches, not the work)."""
+    import torch
+
+    from ..devices import synchronize
+
+    device = torch.device(device or "cpu")
     fn()  # warm-up: the first call allocates and picks kernels
+    synchronize(device)
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < budget or n == 0:
         fn()
         n += 1
-    return work * n / elapsed
+        if device.type != "cpu" and n % 8 == 0:
+            synchronize(device)  # the host must not run ahead by more than a few matmuls
+    synchronize(device)
+    return work * n / (time.perf_counter() - start)
 
 
-def measure_matmul_flops(dtype=None, seconds: float = 0.5) -> float:
-    """FLOP/s of a 1024^3 matmul of ``dtype`` (default bf16) on this CPU, timed for about ``seconds``."""
+def matmul_size(device) -> int:
+    """The square matmul ``measure_matmul_flops`` times: 1024 on a CPU; 8192 on an accelerator, where a
+    1024^3 matmul takes microseconds and measures the launch, not the peak."""
     import torch
 
-    a = torch.randn(1024, 1024, dtype=dtype or torch.bfloat16)
-    return _rate(lambda: a @ a, 2 * 1024**3, seconds)
+    return 1024 if torch.device(device or "cpu").type == "cpu" else 8192
+
+
+def measure_matmul_flops(dtype=None, seconds: float = 0.5, device=None) -> float:
+    """FLOP/s of a square matmul of ``dtype`` (default bf16) on ``device`` (default: this CPU), timed for
+    about ``seconds``."""
+    import torch
+
+    n = matmul_size(device)
+    a = torch.randn(n, n, dtype=dtype or torch.bfloat16, device=device or "cpu")
+    return _rate(lambda: a @ a, 2 * n**3, seconds, device)
 
 
 def rank_threads(ranks: int) -> tuple[int, float]:

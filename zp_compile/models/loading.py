@@ -240,10 +240,13 @@ def load_sharded(
     group: torch.distributed.ProcessGroup | None,
     *,
     dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
     resident_first_layer: bool = False,
     reader_log: list | None = None,
 ) -> tuple[nn.Module, list[MoELayer]]:
-    """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever).
+    """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever),
+    on ``device`` (default: the CPU). Each tensor is read into host memory and moved to the device as
+    it is read: the host never holds more than one tensor of a GPU rank's model.
 
     Returns the model (eval mode) and its MoE layers."""
     from accelerate import init_empty_weights
@@ -266,23 +269,24 @@ def load_sharded(
     # where the model keeps a module in fp32 (transformers' _keep_in_fp32_modules).
     dtypes = {name: t.dtype for name, t in model.state_dict().items()}
 
+    device = torch.device(device or "cpu")
     for name, plan in plans.items():
         if not plan.is_expert:
-            _set_tensor(model, name, reader.whole(plan).to(dtypes[name]))
+            _set_tensor(model, name, reader.whole(plan).to(device=device, dtype=dtypes[name]))
 
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
     for layer in layers:
-        _load_layer(model, layer, plans, reader, dtypes, group, world_size, rank, resident_first_layer)
+        _load_layer(model, layer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, device)
 
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: no checkpoint tensor for parameters {left[:8]}")
-    return model.eval(), layers
+    return model.to(device).eval(), layers  # .to: the buffers built at init (rotary frequencies)
 
 
-def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size, rank, resident_first_layer):
+def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, device):
     names = [f"{layer.path}.{p}" for p in layer.expert_params]
     missing = [n for n in names if n not in plans]
     if missing:
@@ -293,7 +297,7 @@ def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size
     shards = {
         short: reader.expert_rows(
             plans[name], plan.start, plan.stop, torch.zeros((plan.shard_size, *plans[name].shape[1:]), dtype=dtypes[name])
-        )
+        ).to(device)
         for short, name in zip(layer.expert_params, names)
     }
     if whole:

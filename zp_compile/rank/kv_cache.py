@@ -39,7 +39,7 @@ import torch
 
 from ..contract import BLOCK, Seq
 from ..prefix import PrefixCache, block_hashes, cacheable_blocks
-from .packed import NAME, no_mask, unsupported
+from .packed import NAME, full_cache, no_mask, unsupported
 
 
 class CacheViewMismatch(RuntimeError):
@@ -118,8 +118,6 @@ class RankKVCache:
                  device: torch.device) -> tuple[dict, dict[bytes, int]]:  # fmt: skip
         """The model's keyword arguments for the packed step (see the module docstring), and where the
         keys of each block the step computes start (hash -> index in the layer's P + L keys)."""
-        from transformers.cache_utils import DynamicCache
-
         self._check_model(model)
         past: dict[bytes, int] = {}  # cached block -> its start in the past [0, P)
         computed: dict[bytes, int] = {}  # block computed this step -> its start among the new tokens [0, L)
@@ -153,7 +151,7 @@ class RankKVCache:
         ranges = [[start + (P if new else 0), end + (P if new else 0)] for new, start, end in spans]
         if len(ranges) == 1:
             ranges.append([0, 0])
-        cache = DynamicCache(config=model.config)
+        cache = full_cache(model.config)  # sliding and chunked layers keep every key too: the kernel masks them
         if P:
             # Past keys/values per layer: the reused blocks, each once, in order of first use [1, Hkv, P, D].
             held = [self._kv[h] for h in past]  # insertion order = offset order
@@ -183,12 +181,16 @@ class RankKVCache:
         keep the KV of exactly the blocks it holds. Copying first: a copy that fails (memory) leaves the
         block set and the KV as they were."""
         new = {}
-        if self.enabled:
-            layers = cache.layers
-            for h, at in computed.items():
-                if h not in self._kv:
-                    new[h] = (torch.stack([layer.keys[0, :, at : at + BLOCK] for layer in layers]),  # [L, Hkv, 16, Dk], a copy
-                              torch.stack([layer.values[0, :, at : at + BLOCK] for layer in layers]))  # fmt: skip
+        fresh = [(h, at) for h, at in computed.items() if h not in self._kv] if self.enabled else []
+        if fresh:
+            # One gather per layer for all the step's new blocks, then one copy per block (its own storage:
+            # a block evicted later frees its memory, not a view's share of the step's).
+            index = torch.tensor([at + i for _, at in fresh for i in range(BLOCK)], device=cache.layers[0].keys.device)
+            keys = torch.stack([layer.keys[0].index_select(1, index) for layer in cache.layers])  # [L, Hkv, n * 16, Dk]
+            values = torch.stack([layer.values[0].index_select(1, index) for layer in cache.layers])
+            for i, (h, _) in enumerate(fresh):
+                block = slice(i * BLOCK, (i + 1) * BLOCK)
+                new[h] = (keys[:, :, block].clone(), values[:, :, block].clone())  # [L, Hkv, 16, D]
         limits = [cacheable_blocks(len(s.ids)) for s in seqs]
         hits, evicted = self.blocks.step(hashes, limits)
         if [h * BLOCK for h in hits] != reuse:

@@ -28,8 +28,8 @@ def _row(seed: int, n: int, vocab: int) -> list[int]:
 def prepare(model, device: torch.device, vocab: int, cache_tokens: int, max_tokens: int) -> RankKVCache | None:
     """Packed steps (``packed.enable``) and their warm-up, and the rank's prefix KV cache of
     ``cache_tokens`` (the front end keeps its view with the same budget, zp_compile/prefix.py), returned
-    for ``run_step``. A model that cannot run packed (sliding-window cache layers) gets left-padded
-    batches and None, and cannot keep a cache."""
+    for ``run_step``. A model that cannot run packed (``packed.unsupported``: linear-attention or
+    indexer cache layers) gets left-padded batches and None, and cannot keep a cache."""
     if (reason := packed.unsupported(model)) is None:
         packed.enable(model)  # every step runs packed: no padding, prefixes shared within a step
         warm_up_packed(model, device, vocab, max_tokens)
@@ -119,7 +119,8 @@ def warm_up_padded(model, device: torch.device, vocab: int, max_tokens: int = 0)
 
 def warm_up_packed(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
     """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
-    and steps of ``max_tokens`` new tokens (``warm_up_padded`` says why). Uses a scratch cache, so the
+    and steps of ``max_tokens`` new tokens (``warm_up_padded`` says why). The same steps compile the
+    packed attention kernel (``packed._compiled_flex``) for every layer kind of the model. Uses a scratch cache, so the
     serving cache starts empty as the front end's view does.
 
     Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
@@ -132,6 +133,8 @@ def warm_up_packed(model, device: torch.device, vocab: int, max_tokens: int = 0)
     run_step(model, _seqs([a[:48], a[:43], b[:48], c[:40], d[:45]]), device, scratch)
     # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
     run_step(model, _seqs([a[:40], b[:45], e, e[:35], f[:30]]), device, scratch)
+    # No row reads a prefix (the kernel's cheaper mask), P = 0: R = B, now that the graph has them apart.
+    run_step(model, _seqs([a[:46], b[:40], c[:40]]), device, RankKVCache(0))
     if rows := largest_step(model, max_tokens, vocab, spare=64):
         # L = max_tokens + 1 (past Inductor's guard whenever max_tokens is), with P = 0, then P > 0. One
         # extra row reads another's first block(s), so R != B, as in serving steps with shared prefixes.

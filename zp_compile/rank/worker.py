@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .. import contract
 from ..contract import Failed, Keys, RankSettings, Ready, StepDone, Stop
+from ..devices import process_group_backend, resolve_device
 from .step import run_step
 from .warmup import prepare
 
@@ -64,19 +65,20 @@ def resolve_transport(requested: str, device: torch.device, world: int, local: i
 
 
 def load(settings: RankSettings, device: torch.device):
-    """The optimized model as ``settings`` say (its transport already resolved), on ``device``."""
+    """The optimized model as ``settings`` say (its transport already resolved), loaded onto ``device``."""
     import zp_compile
 
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     return zp_compile.from_pretrained(
         settings.model,
         dtype=dtype,
+        device=device,
         prefetch=settings.prefetch,
         backend=settings.backend,
         transport=settings.transport,
         # One compile for every batch shape: the warm-up pays it before the rank reports ready.
         dynamic=True,
-    ).to(device)
+    )
 
 
 def serve(address: str) -> None:
@@ -86,25 +88,25 @@ def serve(address: str) -> None:
     generation = int(store.get(contract.GENERATION_KEY))
     keys = Keys(generation)
     settings = contract.decode_settings(store.get(keys.settings))
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    store.set(keys.pid(rank), str(os.getpid()))  # lets the front end kill a hung rank on this host
-    # The data channel: a DEALER whose identity names this generation and rank.
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group's rank once it is up
+    # The data channel: a DEALER whose identity names this generation and rank. Opened first, so that a
+    # rank which cannot even start its process group reports why.
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, contract.identity(generation, rank))
     sock.setsockopt(zmq.LINGER, _LINGER_MS)
     sock.connect(settings.data_address)
     try:
+        device = resolve_device(settings.device)  # cuda asked for and not usable: an error, never the CPU instead
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before NCCL starts: its communicator and every launch use this GPU
+        dist.init_process_group(process_group_backend(device))
+        world = dist.get_world_size()
+        store.set(keys.pid(rank), str(os.getpid()))  # lets the front end kill a hung rank on this host
         if world != settings.ranks:
             raise RuntimeError(f"the front end expects {settings.ranks} ranks but torchrun started {world}")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        if device.type == "cpu":
             torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // local))
         threading.Thread(target=_heartbeat, args=(address, keys.beat(rank)), daemon=True).start()
         transport = resolve_transport(settings.transport, device, world, local)

@@ -29,6 +29,7 @@ class ServeSettings:
     backend: str = "inductor"
     prefetch: int = 1
     transport: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda or cuda:N (zp_compile.devices.resolve_device, run on every rank)
     dtype: str | None = None  # default: the checkpoint's
     threads_per_rank: int | None = None  # default: cores / ranks
     external_ranks: bool = False  # wait for ranks started by torchrun elsewhere instead of starting them
@@ -87,7 +88,7 @@ class ServeSettings:
 def rank_settings(s: ServeSettings, data_address: str) -> RankSettings:
     """What every rank loads, for ranks that reach the front end's data socket at ``data_address``."""
     return RankSettings(model=s.model, ranks=s.nproc, data_address=data_address, backend=s.backend, prefetch=s.prefetch,
-                        transport=s.transport, dtype=s.dtype, threads=s.threads_per_rank,
+                        transport=s.transport, device=s.device, dtype=s.dtype, threads=s.threads_per_rank,
                         measure_threshold=s.routed and s.threshold_flops is None, cache_tokens=s.cache_tokens,
                         max_tokens=s.max_tokens_per_rank)  # fmt: skip
 

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: a tiny built-in MoE)")
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    parser.add_argument("--device", default="auto", help="cuda (rank i on cuda:LOCAL_RANK), cpu, or auto (default): cuda when it works")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -26,13 +27,18 @@ def main(argv: list[str] | None = None) -> None:
     import zp_compile
     from zp_compile.models import default_checkpoint
     from zp_compile.models.discovery import find_moe_layers
+    from zp_compile.devices import process_group_backend, resolve_device
     from zp_compile.models.rewrite import expert_bytes
 
+    device = resolve_device(args.device)  # cuda:LOCAL_RANK: one GPU per rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(process_group_backend(device))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     path = args.model
     if path is None:
@@ -43,14 +49,15 @@ def main(argv: list[str] | None = None) -> None:
             dist.broadcast_object_list(holder, src=0)
             path = holder[0]
 
-    model = zp_compile.from_pretrained(path, prefetch=args.prefetch, backend=args.backend)
-    reference = AutoModelForCausalLM.from_pretrained(path).eval()  # full model, for the comparison only
+    model = zp_compile.from_pretrained(path, device=device, prefetch=args.prefetch, backend=args.backend)
+    reference = AutoModelForCausalLM.from_pretrained(path).to(device).eval()  # full model, for the comparison only
     vocab = reference.config.get_text_config().vocab_size
 
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(3, vocab, (4, 64), generator=g)
     mask = torch.ones_like(ids)
     mask[1:, : 8 * (rank + 1)] = 0  # left padding, different on every rank
+    ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits
         expected = reference(input_ids=ids, attention_mask=mask).logits
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"rank {rank}/{world}: scored {int(mask.sum())} tokens; max|logits - unmodified model| = {diff:.2e}",
         f"rank {rank}/{world}: expert weights held {state.expert_bytes / 2**20:.2f} MiB of {full / 2**20:.2f} MiB "
-        f"({len(state.sharded_layers)}/{len(state.layers)} MoE layers sharded, prefetch {args.prefetch}, {args.backend})",
+        f"({len(state.sharded_layers)}/{len(state.layers)} MoE layers sharded, prefetch {args.prefetch}, {args.backend}, {device})",
     ]
     if dist.is_initialized():
         gathered = [None] * world
