@@ -1,5 +1,7 @@
 """One-GPU check: tokens/s and MFU of zp_compile's compiled per-rank forward against transformers' eager
-forward, on a Qwen3-30B-A3B-shaped stack of layers with random bf16 weights, at batch sizes around T*.
+forward and stock torch.compile, on a Qwen3-30B-A3B-shaped stack of layers with random bf16 weights, at
+batch sizes around T*; before it the numerics phase, after it AsyncEP on one GPU and packed attention
+(``gpu_phases.py``; ``--phases`` picks).
 
     bash benchmarks/gpu_check.sh                       # on the GPU machine: checks/installs deps, then this
     python benchmarks/gpu_check.py --device cpu --tiny # the same code path on CPU, tiny config (< 60 s)
@@ -245,14 +247,15 @@ def fmt(x, spec: str, none: str = "-") -> str:
 def table(report: dict) -> str:
     rows = sorted(report["rows"], key=lambda r: r["tokens"])
     gather_ms = report["threshold"]["t_gather_ms_8xh200"]
-    head = (f"{'x T*':>5} {'tokens/step':>11} {'seqs':>4} {'eager tok/s':>12} {'compiled tok/s':>14} {'speedup':>7} "
+    head = (f"{'x T*':>5} {'tokens/step':>11} {'seqs':>4} {'eager tok/s':>12} {'stock tok/s':>12} {'compiled tok/s':>14} {'speedup':>7} "
             f"{'eager MFU':>9} {'comp MFU':>8} {'eager GiB':>9} {'comp GiB':>8} {'ms/layer':>8} {'layer/gather':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        e, c = r.get("eager") or {}, r.get("compiled") or {}
+        e, c, st = r.get("eager") or {}, r.get("compiled") or {}, r.get("stock_compile") or {}
         ms_layer = c["step_s"] * 1e3 / report["model"]["layers"] if c else None
         lines.append(
             f"{r['fraction']:>5.2f} {r['tokens']:>11,} {r['seqs']:>4} {fmt(e.get('tokens_per_s'), ',.0f'):>12} "
+            f"{fmt(st.get('tokens_per_s'), ',.0f'):>12} "
             f"{fmt(c.get('tokens_per_s'), ',.0f'):>14} "
             f"{fmt(c['tokens_per_s'] / e['tokens_per_s'] if c and e else None, '.2f'):>7} "
             f"{fmt(e.get('mfu'), '.1%'):>9} {fmt(c.get('mfu'), '.1%'):>8} "
@@ -261,6 +264,18 @@ def table(report: dict) -> str:
         )
     for s in report["skipped"]:
         lines.append(f"skipped: {s}")
+    for name, phase in report.get("phases", {}).items():
+        if "error" in phase or "skipped" in phase:
+            lines.append(f"phase {name}: {phase.get('error') or 'skipped: ' + phase['skipped']}")
+        elif name == "asyncep":
+            lines.append(f"phase asyncep: world {phase['world']} on one device, {phase['seqs']} x {phase['context']} tokens: overlap cost "
+                         f"{phase['overlap_cost']:.3f} ({phase['step_s_with_copies'] * 1e3:.1f} / {phase['step_s_without'] * 1e3:.1f} ms)")
+        elif name == "numerics":
+            worst = max(v["max_abs_vs_unmodified"] for k, v in phase.items() if isinstance(v, dict))
+            lines.append(f"phase numerics: max |optimized - unmodified| over {len(phase) - 1} cases {worst:.3g}")
+        elif name == "packed":
+            lines += [f"phase packed: {c['rows']} rows, prefix {c['prefix']}: flex {c['flex_ms']:.2f} ms, loop {c['loop_ms']:.2f} ms, "
+                      f"padded {c['padded_sdpa_ms']:.2f} ms" for c in phase["cases"]]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -289,13 +304,16 @@ def parse_args(argv):
     p.add_argument("--layers", type=int, default=4, help="layers of Qwen3-30B-A3B's 48 (default %(default)s)")
     p.add_argument("--context", type=int, help="tokens per sequence (default 2048; --tiny: 32)")
     p.add_argument("--tstar", type=float, help="T* in tokens per GPU per step (default: the planner's; --tiny: 256)")
-    p.add_argument("--fractions", default="1,0.5,0.25,2", help="fractions of T* to run, in this order (default %(default)s)")
+    p.add_argument("--fractions", default="1,0.5,2", help="fractions of T* to run, in this order (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=65536, help="cap on tokens per step (default %(default)s)")
     p.add_argument("--iters", type=int, default=10, help="timed forwards per size and path (default %(default)s)")
-    p.add_argument("--budget-s", type=float, default=400.0,
+    p.add_argument("--budget-s", type=float, default=440.0,
                    help="seconds from the start of gpu_check.sh (ZP_GPU_CHECK_START) after which nothing new starts "
                         "and a watchdog reports and exits (default %(default)s)")
     p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager"])
+    p.add_argument("--reserve-s", type=float, default=150.0,
+                   help="seconds of the budget kept from the sweep for the phases after it (AsyncEP, packed attention)")
+    p.add_argument("--phases", default="numerics,sweep,asyncep,packed", help="which parts to run (default %(default)s)")
     p.add_argument("--static", action="store_true", help="compile once per size (dynamic=False) instead of a dynamic batch dim")
     p.add_argument("--json", type=Path, help="default: $OUT/gpu_check.json if OUT is set, else ./gpu_check.json")
     p.add_argument("--check-deps", action="store_true", help="print unmet requirements, one a line, and exit")
@@ -380,6 +398,12 @@ def main(argv=None) -> int:
     print(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s ({'H200 dense bf16 spec' if peak_spec else 'measured matmul'}); "
           f"measured bf16 matmul {measured / 1e12:.3g} TFLOP/s", flush=True)
 
+    phases = args.phases.split(",")
+    import gpu_phases
+
+    if "numerics" in phases:  # tiny models, a world of one: Inductor on the device (the dry run: aot_eager)
+        gpu_phases.run_phase(report, "numerics", budget, 30, gpu_phases.numerics, device, "aot_eager" if args.tiny else args.backend)
+
     t0 = time.time()
     model = build_model(config, device)
     vocab = config.vocab_size
@@ -406,7 +430,7 @@ def main(argv=None) -> int:
         if per_token_s is None:
             return True
         need = (args.iters + 1) * per_token_s * seqs * context + extra_s
-        if need < budget.left() - 5:
+        if need < budget.left() - args.reserve_s - 5:
             return True
         report["skipped"].append(f"{label} {seqs} x {context}: needs ~{need:.0f} s, {budget.left():.0f} s left")
         print(f"  skip {label} {seqs} x {context} (budget)", flush=True)
@@ -416,7 +440,7 @@ def main(argv=None) -> int:
         # Eager first: transformers' unmodified forward on the same weights.
         per_token = None
         for _, seqs in sizes:
-            if not fits("eager", seqs, per_token):
+            if "sweep" not in phases or not fits("eager", seqs, per_token):
                 continue
             ids = inputs[seqs]
             reset_peak(device)
@@ -429,6 +453,29 @@ def main(argv=None) -> int:
             report["rows"] = [r for r in rows.values() if "eager" in r or "compiled" in r]
             print(f"  eager    {seqs:>3} x {context}: {rows[seqs]['eager']['tokens_per_s']:>12,.0f} tok/s, "
                   f"MFU {rows[seqs]['eager']['mfu']:.1%}, peak {fmt(rows[seqs]['eager']['peak_gib'], '.1f')} GiB", flush=True)
+
+        # Stock torch.compile of the unmodified model (Inductor, the same dynamic batch), for comparison.
+        stock = torch.compile(model, backend=args.backend, dynamic=False if args.static else None)
+        stock_compile_s = None
+        for _, seqs in sizes:
+            if "sweep" not in phases or "eager" not in rows[seqs]:
+                continue
+            if not fits("stock compile", seqs, per_token, extra_s=(stock_compile_s or 60.0) if stock_compile_s is None or args.static else 0):
+                continue
+            ids = inputs[seqs]
+            if not args.static:
+                torch._dynamo.maybe_mark_dynamic(ids, 0)
+            t = time.time()
+            stock(input_ids=ids, logits_to_keep=1)
+            sync(device)
+            first = time.time() - t
+            stock_compile_s = stock_compile_s or first
+            times = time_forward(lambda ids=ids: stock(input_ids=ids, logits_to_keep=1), args.iters, device)
+            rows[seqs]["stock_compile"] = result(times, seqs, first)
+            print(f"  stock torch.compile {seqs:>3} x {context}: {rows[seqs]['stock_compile']['tokens_per_s']:>12,.0f} tok/s, "
+                  f"MFU {rows[seqs]['stock_compile']['mfu']:.1%}, first call {first:.1f} s", flush=True)
+        del stock
+        torch._dynamo.reset()  # its graphs are not the ones measured next
 
         # Compiled: the same model through zp_compile (world of one: no shards, no gathers).
         pass_runs = count_pass_runs()
@@ -477,6 +524,17 @@ def main(argv=None) -> int:
                   f"peak {fmt(c['peak_gib'], '.1f')} GiB, first call {first:.1f} s; vs eager logits: max|d| "
                   f"{diff['max_abs']:.3g}, rel {diff['rel_norm']:.3g}, argmax agree {diff['argmax_agree']:.0%}; "
                   f"graphs compiled so far {c['dynamo_graphs_so_far']}, zp passes ran {pass_runs[0]}x", flush=True)
+
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    tstar_seqs = next(seqs for f, seqs in sizes if f == 1.0) if any(f == 1.0 for f, _ in sizes) else sizes[0][1]
+    if "asyncep" in phases:
+        gpu_phases.run_phase(report, "asyncep", budget, 45 if args.tiny else 90, gpu_phases.asyncep, build_config, build_model, args,
+                             device, tstar_seqs, context, max(3, args.iters // 2), args.backend)  # fmt: skip
+    if "packed" in phases:
+        cases = (512, [2, 8], 64, (4, 2), 16) if args.tiny else (8192, [8, 64, 256], 1024, (32, 4), 128)
+        gpu_phases.run_phase(report, "packed", budget, 20 if args.tiny else 40, gpu_phases.packed, device, *cases, 3 if args.tiny else 10)
 
     watchdog.cancel()
     best = max((r for r in report["rows"] if "compiled" in r), key=lambda r: r["compiled"]["tokens_per_s"], default=None)

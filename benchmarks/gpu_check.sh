@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# One-GPU check of zp-compile: tokens/s and MFU of the compiled per-rank forward of a Qwen3-30B-A3B-shaped
-# stack of 4 layers (random bf16 weights) at batch sizes around T*, against transformers' eager forward.
-# Finishes within ~7 minutes on one H200, installs included; prints a table, writes $OUT/gpu_check.json
-# (./gpu_check.json when OUT is unset). Details: benchmarks/gpu_check.py's docstring.
+# One-GPU check of zp-compile, in this order, each part within what is left of a 440 s budget:
+#   numerics   optimized vs unmodified logits on the device, Qwen3-MoE and GPT-OSS, fp32 and bf16;
+#   sweep      tokens/s and MFU of the compiled per-rank forward of a Qwen3-30B-A3B-shaped stack of 4
+#              layers (random bf16 weights) around T*, against transformers' eager forward and stock
+#              torch.compile of the unmodified model;
+#   asyncep    the sharded graph of a world of 8 on this one GPU, each gather a side-stream copy of 7/8
+#              of the bank, against the same graph without: the overlap cost (benchmarks/asyncep_one_gpu.py);
+#   packed     packed attention: FlexAttention vs the per-row loop vs one padded SDPA (benchmarks/packed_attention.py).
+# Prints a table, writes $OUT/gpu_check.json (./gpu_check.json when OUT is unset). Details:
+# benchmarks/gpu_check.py and benchmarks/gpu_phases.py. Not yet run on a GPU: written for one and
+# dry-run on CPU in the test suite (tests/test_gpu_check.py).
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the repo root (or anywhere)
 #   bash benchmarks/gpu_check.sh --dry-run   # same code path on CPU, tiny config, < 60 s
@@ -90,13 +97,13 @@ if [[ -n "$missing" ]]; then
 fi
 
 log "running benchmarks/gpu_check.py ${args[*]}"
-# The Python side keeps its own budget (--budget-s, 400 s from the start of this script) and reports what
+# The Python side keeps its own budget (--budget-s, 440 s from the start of this script) and reports what
 # it has when it runs out; this timeout is the backstop should it hang where its watchdog cannot act.
 status=0
 if [[ -n "${OUT:-}" ]]; then  # the device tool brings $OUT back: keep the whole log there too
-  timeout -k 10 450 "$PY" benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee "$OUT/gpu_check.log" || status=${PIPESTATUS[0]}
+  timeout -k 10 470 "$PY" benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee "$OUT/gpu_check.log" || status=${PIPESTATUS[0]}
 else
-  timeout -k 10 450 "$PY" benchmarks/gpu_check.py "${args[@]}" || status=$?
+  timeout -k 10 470 "$PY" benchmarks/gpu_check.py "${args[@]}" || status=$?
 fi
 log "done (exit $status)"
 exit "$status"

@@ -191,16 +191,20 @@ def test_cached_score_uses_the_cache(model):
     assert max(abs(x - y) for (_, x), (_, y) in zip(first[0].top, again[0].top)) <= TOL
 
 
-def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint):
+@pytest.mark.parametrize("cpu_kernel", ["rows", "flex"])
+def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypatch, cpu_kernel):
+    """With FlexAttention (what a GPU runs; forced here) the warm-up also compiles its kernel for rows
+    with and without prefixes, and serving steps of any size (one 16-token row: one tile) add none."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(packed, "CPU_KERNEL", cpu_kernel)
     model = optimized(checkpoint, "aot_eager")  # resets dynamo: a fresh count
     counters.clear()
     warmup.warm_up_packed(model, CPU, 256)
     compiled = counters["stats"]["unique_graphs"]
-    # The model: P = 0 or more (sizes that could be 1 are padded to 2); its attention kernel: rows with
-    # or without prefixes.
-    assert compiled == 2 + 2
+    # The model: P = 0 or more (sizes that could be 1 are padded to 2); FlexAttention: rows with or
+    # without prefixes (on a CPU, full attention runs SDPA per row: no kernel to compile).
+    assert compiled == 2 + (2 if cpu_kernel == "flex" else 0)
     kv = RankKVCache(1024)
     a = prompt(81, 85)
     steps = [[a, a[:40]], [a], [a, prompt(82, 7), prompt(83, 100)], [prompt(84, 16)], [a + prompt(85, 30), a[:17], prompt(86, 2)],

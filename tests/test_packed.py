@@ -47,8 +47,12 @@ def dense_reference(q, k, v, rows, ranges, scale, window=0, chunk=0, sinks=None)
     return out
 
 
+@pytest.mark.parametrize("cpu_kernel", ["flex", "rows"])
 @pytest.mark.parametrize(("window", "chunk", "with_sinks"), [(0, 0, False), (0, 0, True), (5, 0, False), (9, 0, True), (0, 16, False)])
-def test_one_kernel_call_equals_the_dense_rule(window, chunk, with_sinks):
+def test_one_kernel_call_equals_the_dense_rule(monkeypatch, cpu_kernel, window, chunk, with_sinks):
+    """FlexAttention for every rule (what a GPU runs), and the CPU's per-row SDPA where it applies (full
+    attention, no sinks: the other rules run FlexAttention on a CPU too)."""
+    monkeypatch.setattr(packed, "CPU_KERNEL", cpu_kernel)
     g = torch.Generator().manual_seed(0)
     L, H, Hkv, D = 37, 4, 2, 16
     q = torch.randn(1, H, L, D, generator=g)
@@ -90,13 +94,15 @@ def _prompt(seed: int, n: int) -> list[int]:
     return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
-def test_sliding_and_chunked_families_run_packed_with_prefix_reuse(checkpoints, family):
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text", "qwen3_moe"])
+def test_sliding_and_chunked_families_run_packed_with_prefix_reuse(checkpoints, monkeypatch, family):
     """GPT-OSS (sliding window 8 on every other layer, attention sinks) and Llama 4 (chunks of 64):
     packed steps that reuse cached prefixes and batch-mates' prefixes give the unmodified model's
-    logits, prompts longer than the window and crossing a chunk boundary."""
+    logits, prompts longer than the window and crossing a chunk boundary. Qwen3-MoE (full attention)
+    with FlexAttention forced: the kernel a GPU runs for it."""
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr(packed, "CPU_KERNEL", "flex")
     path = checkpoints(family, layers=2)
     reference = AutoModelForCausalLM.from_pretrained(path).eval()
     model = _optimized(path)

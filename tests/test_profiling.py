@@ -52,6 +52,6 @@ def test_gpu_trace_reads_the_collective_kernels_against_compute_kernels():
     ]
     o = overlap_from_events(events)
     assert (o.gather_us, o.overlapped_us, o.wait_us, o.compute_us) == (40, 35, 5, 55)
-    copies = overlap_from_device_events(events[2:4] + [kernel("Memcpy DtoD (Device -> Device)", 20, 40, stream=20)],
+    copies = overlap_from_device_events(events[2:4] + [kernel("Memcpy DtoD (Device -> Device)", 36, 56, stream=20)],
                                         is_transfer=lambda name: name.startswith("Memcpy DtoD"))  # fmt: skip
     assert copies.fraction == 1.0

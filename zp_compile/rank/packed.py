@@ -16,7 +16,8 @@ same step (the followers read the prefix the first one computes).
 
 The kernel is FlexAttention (``torch.nn.attention.flex_attention``), compiled by Inductor (its C++
 template on CPU, Triton on GPU), called once per layer over all the step's rows, grouped-query heads
-natively (no K/V copy). Its mask is a function of positions, so each layer kind is one more rule:
+natively (no K/V copy). One exception, measured: on a CPU, full-attention layers without sinks run one
+SDPA per row (``_rows_sdpa``, ``CPU_KERNEL`` says why). Its mask is a function of positions, so each layer kind is one more rule:
 
     query q (row b, position pq) may read key k (position pk) iff
         k is one of row b's keys                       member[b, k]
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..compat import no_duck_sizing
 from ..ops import PACKED_ATTENTION
@@ -167,7 +169,7 @@ class _StepMasks:
             self._layouts[spare] = tuple(t.to(device) for t in step_layout(rows.tolist(), ranges.tolist(), L, K, spare))
         layout = self._layouts[spare]
         if (window, chunk, sink) not in self._masks:
-            prefixed = ranges.shape[0] > rows.shape[0] or K > L  # more key ranges than rows: some row has a prefix
+            prefixed = has_prefix(rows, ranges, L, K)
             tables = block_tables(*layout, L, window, chunk, sink)
             sink_at = torch.tensor(K, dtype=torch.int32, device=device)
             self._masks[window, chunk, sink] = StepMask(*layout, *tables, prefixed, sink_at)
@@ -175,6 +177,44 @@ class _StepMasks:
 
 
 _STEP = _StepMasks()
+# On a CPU, full-attention layers without sinks run one SDPA per row ("rows", ``_rows_sdpa``) unless this
+# says "flex". Measured (benchmarks/packed_attention.py, BENCHMARKS.md): Inductor's CPU FlexAttention
+# template ran the 82M benchmark model's steps (8/4 heads of 64, rows of 496) at 0.37-0.40x the per-row
+# loop, and Qwen3-30B-A3B's attention shape (32/4 heads of 128) at 0.57-0.92x without prefixes and
+# 1.18-1.71x with a 1,024-token shared prefix. On a CPU a call costs microseconds, not a launch, and
+# reading the rows' bounds costs no device sync, so the per-row loop has none of the GPU's problems.
+CPU_KERNEL = "rows"
+
+
+def has_prefix(rows: torch.Tensor, ranges: torch.Tensor, L: int, K: int) -> bool:
+    """Some row reads keys other than its own new tokens: a past, or more key ranges than rows."""
+    return K > L or ranges.shape[0] > rows.shape[0]
+
+
+def _rows_sdpa(query, key, value, rows: torch.Tensor, ranges: torch.Tensor, scale: float) -> torch.Tensor:
+    """Full attention, one SDPA per row (the CPU path, see ``CPU_KERNEL``): a row's keys are a view when
+    they are one range, else its ranges concatenated; grouped heads native (``enable_gqa``); causal, or
+    aligned bottom-right when the row has a prefix (query i sees the m - n prefix keys and own 0..i)."""
+    out = query.new_zeros((1, query.shape[2], query.shape[1], value.shape[-1]))  # zeros: a spare token stays finite
+    spans = ranges.tolist()  # host tensors: no device sync
+    for q0, q1, r0, r1 in rows.tolist():
+        if q1 == q0:
+            continue  # a spare row (the step pads size-1 tensors to 2)
+        parts = spans[r0:r1]
+        if len(parts) == 1:
+            k, v = key[:, :, parts[0][0] : parts[0][1]], value[:, :, parts[0][0] : parts[0][1]]
+        else:
+            k = torch.cat([key[:, :, a:b] for a, b in parts], dim=2)  # [1, Hkv, m, D]
+            v = torch.cat([value[:, :, a:b] for a, b in parts], dim=2)
+        n, m = q1 - q0, k.shape[2]
+        q = query[:, :, q0:q1]
+        if m == n:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.arange(m, device=q.device)[None, :] <= torch.arange(m - n, m, device=q.device)[:, None]  # [n, m]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[0, q0:q1] = o[0].transpose(0, 1)
+    return out
 
 
 # ---- the kernel -------------------------------------------------------------------------------------------
@@ -231,6 +271,8 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ``window`` / ``chunk``: the layer's sliding window or attention chunk (0: none); ``sinks`` [H]: the
     layer's attention-sink logits. Returns [1, L, H, Dv] (transformers' attention output layout)."""
     L, K = query.shape[2], key.shape[2]
+    if query.device.type == "cpu" and CPU_KERNEL == "rows" and not (window or chunk or sinks is not None):
+        return _rows_sdpa(query, key, value, rows, ranges, scale)
     m = _STEP.get(rows, ranges, L, K, window, chunk, sinks is not None, query.device)
     if sinks is not None:
         # The sink as one more key: its score is the layer's sink logit (not scaled), its value is 0, so
