@@ -194,11 +194,18 @@ def test_cached_score_uses_the_cache(model):
 @pytest.mark.parametrize("cpu_kernel", ["rows", "flex"])
 def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypatch, cpu_kernel):
     """With FlexAttention (what a GPU runs; forced here) the warm-up also compiles its kernel for rows
-    with and without prefixes, and serving steps of any size (one 16-token row: one tile) add none."""
+    with and without prefixes, and serving steps of any size (one 16-token row: one tile) add none;
+    every step's answers equal the uncached model's."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(packed, "CPU_KERNEL", cpu_kernel)
     model = optimized(checkpoint, "aot_eager")  # resets dynamo: a fresh count
+    a = prompt(81, 85)
+    steps = [[a, a[:40]], [a], [a, prompt(82, 7), prompt(83, 100)], [prompt(84, 16)], [a + prompt(85, 30), a[:17], prompt(86, 2)],
+             [a[:50]] * 2, [prompt(87, 1)], [a[:17]]]  # fmt: skip
+    # FlexAttention: each row's greedy token's logprob against the uncached model's (padded batches: graphs
+    # of their own, compiled before the count). The per-row kernel's logits: the tests above.
+    wants = [torch.log_softmax(uncached(model, b).float(), -1).max(-1).values.tolist() if cpu_kernel == "flex" else None for b in steps]
     counters.clear()
     warmup.warm_up_packed(model, CPU, 256)
     compiled = counters["stats"]["unique_graphs"]
@@ -206,14 +213,13 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypat
     # without prefixes (on a CPU, full attention runs SDPA per row: no kernel to compile).
     assert compiled == 2 + (2 if cpu_kernel == "flex" else 0)
     kv = RankKVCache(1024)
-    a = prompt(81, 85)
-    steps = [[a, a[:40]], [a], [a, prompt(82, 7), prompt(83, 100)], [prompt(84, 16)], [a + prompt(85, 30), a[:17], prompt(86, 2)],
-             [a[:50]] * 2, [prompt(87, 1)], [a[:17]]]  # fmt: skip
     reuse = []
-    for batch in steps:
+    for batch, want in zip(steps, wants):
         seqs = [seq(p, top=1) for p in batch]
         reuse.append(kv.lookup(seqs)[1])
-        run_step(model, seqs, CPU, kv)
+        got = run_step(model, seqs, CPU, kv)
+        if want is not None:
+            assert [g.next[1] for g in got] == pytest.approx(want, abs=TOL)
     assert reuse == [[0, 32], [80], [80, 0, 0], [0], [80, 16, 0], [48, 48], [0], [16]]
     assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
 

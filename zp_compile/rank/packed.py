@@ -166,12 +166,14 @@ class _StepMasks:
             self._rows, self._layouts, self._masks = weakref.ref(rows), {}, {}
         spare = int(sink)
         if spare not in self._layouts:  # one host-to-device copy per step (and layout)
-            self._layouts[spare] = tuple(t.to(device) for t in step_layout(rows.tolist(), ranges.tolist(), L, K, spare))
+            host = step_layout(rows.tolist(), ranges.tolist(), L, K, spare)
+            # Pinned and non-blocking on a GPU: a copy from pageable memory would wait for the device.
+            self._layouts[spare] = tuple(t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in host)
         layout = self._layouts[spare]
         if (window, chunk, sink) not in self._masks:
             prefixed = has_prefix(rows, ranges, L, K)
             tables = block_tables(*layout, L, window, chunk, sink)
-            sink_at = torch.tensor(K, dtype=torch.int32, device=device)
+            sink_at = layout[0].new_full((), K)  # on the device, from a device tensor: no copy
             self._masks[window, chunk, sink] = StepMask(*layout, *tables, prefixed, sink_at)
         return self._masks[window, chunk, sink]
 
