@@ -71,6 +71,14 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: pinned and non-blocking for CUDA
+    (a copy from pageable memory would wait for the work queued before it), itself on the CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def collective_device(group: dist.ProcessGroup | None, device: torch.device) -> torch.device:
     """Where a tensor must be to go through ``group``'s collectives, for a model on ``device``."""
     if group is None:

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import no_duck_sizing
+from ..devices import to_device
 from ..ops import PACKED_ATTENTION
 
 NAME = "zp_packed"
@@ -166,9 +167,7 @@ class _StepMasks:
             self._rows, self._layouts, self._masks = weakref.ref(rows), {}, {}
         spare = int(sink)
         if spare not in self._layouts:  # one host-to-device copy per step (and layout)
-            host = step_layout(rows.tolist(), ranges.tolist(), L, K, spare)
-            # Pinned and non-blocking on a GPU: a copy from pageable memory would wait for the device.
-            self._layouts[spare] = tuple(t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in host)
+            self._layouts[spare] = tuple(to_device(t, device) for t in step_layout(rows.tolist(), ranges.tolist(), L, K, spare))
         layout = self._layouts[spare]
         if (window, chunk, sink) not in self._masks:
             prefixed = has_prefix(rows, ranges, L, K)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import BLOCK, Readout, Sample, Seq
+from ..devices import to_device
 
 PAD_ID = 0  # left padding of padded batches: masked out, so any id in the vocabulary does
 
@@ -45,7 +46,7 @@ def readouts(logits: torch.Tensor, seqs: list[Seq]) -> list[Readout]:
     top_lp, top_id = logprobs.topk(k, dim=-1)  # [B, k]
     T = max(len(s.wants.tokens) for s in seqs)
     asked = torch.tensor([list(s.wants.tokens) + [0] * (T - len(s.wants.tokens)) for s in seqs], dtype=torch.long)  # [B, T]
-    tokens_lp = logprobs.gather(1, asked.to(device, non_blocking=True))  # [B, T]
+    tokens_lp = logprobs.gather(1, to_device(asked, device))  # [B, T]
     choice = top_id[:, 0].clone()  # [B]: greedy
     for row, s in enumerate(seqs):
         if s.wants.sample:
