@@ -54,6 +54,12 @@ def model(checkpoint):
     return optimized(checkpoint, "aot_eager")
 
 
+def every_position(model, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities after every position of one prompt, uncached [n, V]."""
+    with torch.inference_mode():
+        return torch.log_softmax(model(**batch_inputs([ids]), use_cache=False).logits[0, -len(ids) :].float(), -1)
+
+
 def uncached(model, prompts: list[list[int]]) -> torch.Tensor:
     """Today's path (no cache): next-token logits [B, V]."""
     with torch.inference_mode():
@@ -221,7 +227,20 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypat
         if want is not None:
             assert [g.next[1] for g in got] == pytest.approx(want, abs=TOL)
     assert reuse == [[0, 32], [80], [80, 0, 0], [0], [80, 16, 0], [48, 48], [0], [16]]
-    assert counters["stats"]["unique_graphs"] == compiled  # no recompile while serving
+    # Prompt logprobs: more logits kept per row, a recomputed lead token after a reused prefix (the
+    # kernel reads that row's keys with its prefix's last range one short); still no new graph.
+    echo = [[a, a[:40]], [a + prompt(88, 5), a[:33]], [prompt(89, 1)]]
+    expected = [[every_position(model, p) for p in batch] for batch in echo] if cpu_kernel == "flex" else None
+    counters.clear()
+    for i, batch in enumerate(echo):
+        seqs = [Seq(p, Wants(top=1, prompt=2)) for p in batch]
+        reuse.append(kv.lookup(seqs)[1])
+        got = run_step(model, seqs, CPU, kv)
+        for g, p, lp in zip(got, batch, expected[i] if expected else [None] * len(batch)):
+            if lp is not None:
+                assert g.prompt_logprobs == pytest.approx(lp[torch.arange(len(p) - 1), torch.tensor(p[1:], dtype=torch.long)].tolist(), abs=TOL)
+    assert reuse[-3:] == [[0, 32], [80, 32], [0]]
+    assert counters["stats"].get("unique_graphs", 0) == 0  # no recompile while serving
 
 
 def test_warm_up_compiles_the_largest_step_so_serving_never_recompiles(checkpoint):
@@ -319,3 +338,39 @@ def test_expert_matmul_warm_up_sweeps_every_count(experts, k, top):
         assert len(ids) % k == 0  # whole tokens
         seen.update(torch.bincount(ids, minlength=experts).tolist())
     assert set(range(1, top + 1)) <= seen
+
+
+def test_prompt_logprobs_with_prefix_reuse_equal_the_uncached_model(model):
+    """Prompt logprobs (``Wants.prompt``) at every position equal the uncached padded forward's, whether
+    a position's readout was computed in the step, kept with a cached block from an earlier step, or
+    read from a batch-mate's block in the same step; with a cache and KV-cache-free. A block cached for
+    next-token readouts is never reused by a prompt-logprob row (its own hash namespace), and the kept
+    readouts cost 164 bytes per cached token."""
+
+    def check(out, ids, k):
+        lp = every_position(model, ids)
+        want = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert len(out.prompt_logprobs) == len(ids) - 1
+        assert (torch.tensor(out.prompt_logprobs) - want).abs().max() < TOL
+        top = lp[:-1].topk(k, -1) if k else None
+        if k:
+            assert [[t for t, _ in row] for row in out.prompt_top] == top.indices.tolist()
+            assert (torch.tensor([[v for _, v in row] for row in out.prompt_top]) - top.values).abs().max() < TOL
+        assert abs(out.next[1] - lp[-1].max().item()) < TOL
+
+    shared = prompt(1, 40)
+    a, b, d = shared + prompt(2, 25), shared + prompt(3, 20), shared + prompt(5, 7)
+    c = b[:56] + prompt(4, 9)  # shares b's third block, which b computes in the same step
+    for budget in (4096, 0):
+        kv = RankKVCache(budget)
+        check(run_step(model, [Seq(a, Wants(prompt=5))], CPU, kv)[0], a, 5)
+        second = [Seq(b, Wants(prompt=3)), Seq(c, Wants(prompt=2)), Seq(d, Wants(top=2)), Seq(d, Wants(prompt=0))]
+        _, reuse = kv.lookup(second)
+        # d's plain row reuses nothing of the prompt-logprob blocks; with no budget the rows share in the step
+        assert reuse == ([32, 48, 0, 32] if budget else [0, 48, 0, 32])
+        outs = run_step(model, second, CPU, kv)
+        check(outs[0], b, 3), check(outs[1], c, 2), check(outs[3], d, 0)
+        assert outs[2].next == outs[3].next and outs[2].prompt_logprobs == []
+        if budget:
+            prompt_blocks = len({h for s in second[:2] for h in block_hashes(s.ids, b"prompt-logprobs")} | set(block_hashes(a, b"prompt-logprobs")))
+            assert kv.table_bytes == 164 * BLOCK * prompt_blocks - 164  # block 0 keeps positions 1..15

@@ -140,7 +140,7 @@ def test_a_step_reads_its_answers_in_one_device_to_host_copy():
     from torch.overrides import TorchFunctionMode
 
     from zp_compile.contract import Sample
-    from zp_compile.rank.step import readouts
+    from zp_compile.rank.readouts import readouts
 
     class Syncs(TorchFunctionMode):
         def __init__(self):
@@ -157,12 +157,12 @@ def test_a_step_reads_its_answers_in_one_device_to_host_copy():
     seqs = [Seq([1], Wants(top=3)), Seq([1], Wants(tokens=[4, 7])), Seq([1], Wants(top=1, sample=Sample(0.7, 0.9, 5))),
             Seq([1], Wants(tokens=[9], sample=Sample(1.0)))]  # fmt: skip
     with Syncs() as mode:
-        out = readouts(logits, seqs)
-    assert mode.calls == ["cpu", "tolist"]
+        out, _ = readouts(logits, seqs)
+    assert mode.calls == ["cpu"]
     lp = torch.log_softmax(logits, -1)
     assert out[0].top == list(zip(lp[0].topk(3).indices.tolist(), lp[0].topk(3).values.tolist()))
     assert out[1].tokens == lp[1, [4, 7]].tolist() and out[1].next == (int(lp[1].argmax()), lp[1].max().item())
     token, token_lp = out[2].next
     assert token_lp == lp[2, token].item()
-    again = readouts(logits, seqs)[2].next  # seeded: the same draw
+    again = readouts(logits, seqs)[0][2].next  # seeded: the same draw
     assert again == out[2].next

@@ -102,6 +102,95 @@ def test_answers_equal_the_offline_optimized_model(server, offline):
         assert x.document.text == docs[x.index]
 
 
+def test_echo_returns_every_prompt_tokens_logprob(server, offline):
+    """``echo`` with ``logprobs`` (lm-evaluation-harness's loglikelihood request, batched token ids and
+    text): every prompt position's logprob and top-k equal the unpadded model's at that position; the
+    first is null; the completion token follows; ``max_tokens`` 0 returns the prompt alone. Two prompts
+    of one request share their first block, which the second reads from the first in the same step."""
+    from transformers import AutoModelForCausalLM
+
+    tok = offline.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(server.args[1]).eval()
+
+    def every_position(ids):  # [n, V]
+        with torch.inference_mode():
+            return torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+    shared = tok.encode("The quick brown fox jumps over the lazy dog, and then the dog runs to the house")
+    prompts = [shared + tok.encode(" sleeps again.", add_special_tokens=False), shared + tok.encode(" runs away fast", add_special_tokens=False), [5, 9]]
+    assert len(shared) >= 16
+    body = {"prompt": prompts, "echo": True, "logprobs": 3, "max_tokens": 1, "temperature": 0, "seed": 1234}
+    r = server.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    for choice, ids in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), prompts):
+        lp = every_position(ids)
+        got = choice["logprobs"]
+        assert len(got["tokens"]) == len(ids) + 1 and got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        want = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert max(abs(a - b) for a, b in zip(got["token_logprobs"][1:-1], want.tolist())) < 1e-4
+        for pos in range(1, len(ids)):
+            values, top = lp[pos - 1].topk(3)
+            expected = {tok.decode([t]): v for t, v in zip(top.tolist(), values.tolist())}
+            expected.setdefault(tok.decode([ids[pos]]), lp[pos - 1, ids[pos]].item())  # the prompt token too: up to k + 1
+            assert got["top_logprobs"][pos].keys() == expected.keys()
+            assert all(abs(got["top_logprobs"][pos][k] - v) < 1e-4 for k, v in expected.items())
+        assert abs(got["token_logprobs"][-1] - lp[-1].max().item()) < 1e-4  # the greedy completion token
+        assert choice["text"] == tok.decode(ids) + tok.decode([int(lp[-1].argmax())])
+        assert got["text_offset"][0] == 0 and got["text_offset"] == sorted(got["text_offset"])
+    # max_tokens 0: the prompt alone; a text prompt echoes its own text
+    r = server.client.post("/v1/completions", json={"prompt": "Paris is the capital of", "echo": True, "logprobs": 0, "max_tokens": 0})
+    choice = r.json()["choices"][0]
+    ids = tok.encode("Paris is the capital of")
+    assert choice["text"] == "Paris is the capital of" and len(choice["logprobs"]["tokens"]) == len(ids)
+    assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    lp = every_position(ids)
+    assert abs(choice["logprobs"]["token_logprobs"][-1] - lp[-2, ids[-1]].item()) < 1e-4
+    assert all(len(t) == 1 for t in choice["logprobs"]["top_logprobs"][1:])  # k = 0: the prompt token alone
+    # echo without logprobs: the text only
+    r = server.client.post("/v1/completions", json={"prompt": [5, 9, 33], "echo": True, "max_tokens": 1})
+    assert r.json()["choices"][0]["logprobs"] is None and r.json()["choices"][0]["text"].startswith(tok.decode([5, 9, 33]))
+
+
+def test_vllm_score_pairings_rerank_routes_and_tokenizer_routes(server, offline):
+    """/v1/score under each of vLLM's pairings gives the same scores; /v1/rerank and /v2/rerank answer
+    as /rerank (top_n 0: all); /tokenize and /detokenize round-trip; usage and id prefixes on each."""
+    queries, docs = "Is water wet?", ["it is", "no way", "maybe so"]
+    scores = None
+    for a, b in p.SCORE_PAIRS:
+        r = server.client.post("/v1/score", json={a: queries, b: docs})
+        assert r.status_code == 200, r.text
+        got = [d["score"] for d in r.json()["data"]]
+        assert r.json()["id"].startswith("score-") and r.json()["usage"]["prompt_tokens"] > 0
+        scores = scores or got
+        assert got == scores
+    ranked = None
+    for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        r = server.client.post(route, json={"query": queries, "documents": docs, "top_n": 0})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["id"].startswith("rerank-") and out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] > 0
+        got = [(x["index"], x["relevance_score"], x["document"]["text"]) for x in out["results"]]
+        ranked = ranked or got
+        assert got == ranked and len(got) == 3
+    assert sorted(ranked, key=lambda x: -x[1]) == ranked
+    assert [x[1] for x in sorted(ranked)] == pytest.approx(scores, abs=1e-6)  # the same pairs, softmax over the labels
+    # max_tokens_per_doc keeps each document's first k tokens
+    long_doc = "water is wet because it is water " * 3
+    r1 = server.client.post("/v2/rerank", json={"query": queries, "documents": [long_doc], "max_tokens_per_doc": 4})
+    tok = offline.tokenizer
+    r2 = server.client.post("/score", json={"queries": queries, "items": [tok.decode(tok.encode(long_doc, add_special_tokens=False)[:4])]})
+    assert abs(r1.json()["results"][0]["relevance_score"] - r2.json()["data"][0]["score"]) < 1e-6
+    r = server.client.post("/tokenize", json={"prompt": "Paris is nice", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["tokens"] == tok.encode("Paris is nice") and out["count"] == len(out["tokens"]) and out["max_model_len"] == 256
+    assert out["token_strs"] == tok.convert_ids_to_tokens(out["tokens"])
+    assert server.client.post("/tokenize", json={"prompt": "Paris", "add_special_tokens": False}).json()["tokens"] == tok.encode("Paris", add_special_tokens=False)
+    assert server.client.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": tok.decode(out["tokens"])}
+    info = server.client.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["model_max_length"] == 256
+
+
 BAD = [
     # (route, body, status, param)
     ("/classify", {"input": []}, 400, "input"),
@@ -117,7 +206,15 @@ BAD = [
     ("/score", {"queries": "a", "items": []}, 400, "items"),
     ("/score", {"queries": "a", "items": "b", "label_token_ids": [10**6]}, 400, "label_token_ids"),
     ("/score", {"queries": "a", "items": "b", "apply_softmax": "yes"}, 400, "apply_softmax"),
-    ("/rerank", {"query": "a", "documents": ["b"], "top_n": 0}, 400, "top_n"),
+    ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, 400, "top_n"),
+    ("/v2/rerank", {"query": "a", "documents": ["b"], "max_tokens_per_doc": 0}, 400, "max_tokens_per_doc"),
+    ("/score", {"queries": "a"}, 400, "queries"),  # one side only
+    ("/v1/score", {"queries": "a", "documents": ["b"], "items": ["c"]}, 400, "items"),  # two pairings at once
+    ("/v1/score", {"text_1": "a", "data_2": "b"}, 400, "data_2"),  # halves of two pairings
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": []}, 400, "prompt"),
+    ("/detokenize", {"tokens": [10**6]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1], "extra": 1}, 400, "extra"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 2}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "stream": True}, 400, "stream"),
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),

@@ -29,6 +29,7 @@ import msgspec
 from .threshold import MeasuredThreshold
 
 BLOCK = 16  # tokens per prefix-cache block (zp_compile/prefix.py); also the padded batches' length multiple
+PROMPT_TOP = 20  # the most likely tokens a rank reads at each prompt position (the API's logprobs limit)
 TRANSPORTS = ("auto", "collective", "shm")  # --transport: auto is resolved by each rank (rank.worker.resolve_transport)
 GENERATION_KEY = "generation"
 
@@ -64,6 +65,10 @@ class Wants(msgspec.Struct, frozen=True):
     top: int = 0  # the k most likely tokens with their log-probabilities
     tokens: list[int] = []  # log-probabilities of these token ids
     sample: Sample | None = None  # the next token: sampled, or greedy when None
+    # Prompt logprobs (``echo`` with ``logprobs``): None, none; k (0..PROMPT_TOP): at every prompt
+    # position from 1, the prompt token's log-probability given the tokens before it and the k most
+    # likely tokens there. Such a sequence's prefix blocks are their own kind (``prefix.hash_salt``).
+    prompt: int | None = None
 
 
 class Seq(msgspec.Struct, frozen=True, array_like=True):
@@ -80,6 +85,9 @@ class Readout(msgspec.Struct, frozen=True, array_like=True):
     top: list[tuple[int, float]]  # (token id, log-probability), most likely first
     tokens: list[float]  # log-probability of each of ``Wants.tokens``
     next: tuple[int, float]  # the chosen next token and its log-probability
+    # With ``Wants.prompt``: one entry per prompt position 1..n-1 (position 0 has nothing before it).
+    prompt_logprobs: list[float] = []  # the prompt token's log-probability given the tokens before it
+    prompt_top: list[list[tuple[int, float]]] = []  # the Wants.prompt most likely tokens there, most likely first
 
 
 class Step(msgspec.Struct, frozen=True, tag="step"):

@@ -6,11 +6,16 @@ updates it when it schedules a step, so routing never asks a rank. The view is e
 cache follows the same rules. The contract for the rank-side KV cache:
 
 1. Blocks: a prompt's token ids are cut into ``contract.BLOCK`` (16) token blocks from position 0; only full
-   blocks are kept. Block i is named by ``block_hashes(ids)[i]``, a chained hash that covers blocks
-   0..i (blake2b, 16 bytes; identical in every process: never Python's salted ``hash``).
+   blocks are kept. Block i is named by ``block_hashes(ids, hash_salt(wants))[i]``, a chained hash that
+   covers blocks 0..i (blake2b, 16 bytes; identical in every process: never Python's salted ``hash``).
+   A sequence that asks for prompt logprobs (``Wants.prompt``) hashes its blocks in a namespace of its
+   own: such a block also keeps its positions' readouts (which a block cached for the next-token
+   readout alone lacks), so the two kinds never stand in for each other.
 2. Reuse: a prompt reuses the longest run of its leading blocks that the cache holds, and at most
    ``cacheable_blocks(len(ids)) = (len - 1) // 16`` of them: the last token is always computed, since
-   its logits are the answer. ``PrefixCache.match`` is that length in blocks.
+   its logits are the answer. ``PrefixCache.match`` is that length in blocks. A row computes
+   ``computed_tokens`` tokens: those after its reused prefix, and for prompt logprobs after a reused
+   prefix one more, the prefix's last token again (its logits give the first new position's logprob).
 3. Budget: ``budget_tokens // BLOCK`` blocks per rank (``cache_tokens_for_bytes`` converts a byte
    budget with the model's KV bytes per token). Both sides use the same number.
 4. Step time, per rank, with the rank's batch in the order the scheduler returned it
@@ -41,13 +46,21 @@ import heapq
 import struct
 from collections.abc import Container
 
-from .contract import BLOCK
+from .contract import BLOCK, Wants
 
 
-def block_hashes(ids: list[int], block: int = BLOCK) -> list[bytes]:
-    """Chained 16-byte hashes of the full blocks of ``ids``: hash i covers blocks 0..i, so the same
-    block after different prefixes has different hashes. A partial last block has none."""
-    out, prev = [], b""
+PROMPT_SALT = b"prompt-logprobs"  # the namespace of blocks that keep their positions' readouts (rule 1)
+
+
+def hash_salt(wants: Wants) -> bytes:
+    """The namespace a sequence's blocks are hashed in (rule 1): its own for prompt logprobs."""
+    return PROMPT_SALT if wants.prompt is not None else b""
+
+
+def block_hashes(ids: list[int], salt: bytes = b"", block: int = BLOCK) -> list[bytes]:
+    """Chained 16-byte hashes of the full blocks of ``ids``: hash i covers blocks 0..i (and ``salt``), so
+    the same block after different prefixes has different hashes. A partial last block has none."""
+    out, prev = [], salt
     for start in range(0, len(ids) - block + 1, block):
         prev = hashlib.blake2b(prev + struct.pack(f"<{block}I", *ids[start : start + block]), digest_size=16).digest()
         out.append(prev)
@@ -57,6 +70,12 @@ def block_hashes(ids: list[int], block: int = BLOCK) -> list[bytes]:
 def cacheable_blocks(n_tokens: int, block: int = BLOCK) -> int:
     """Blocks a prompt of ``n_tokens`` may reuse: never the last token's (its logits must be computed)."""
     return max(0, n_tokens - 1) // block
+
+
+def computed_tokens(n_tokens: int, reused: int, wants: Wants) -> int:
+    """Tokens a row of ``n_tokens`` computes after reusing ``reused`` (rule 2): for prompt logprobs after a
+    reused prefix, the prefix's last token too (its logits are the first new position's distribution)."""
+    return n_tokens - reused + (1 if reused and wants.prompt is not None else 0)
 
 
 def kv_bytes_per_token(spec, dtype_bytes: int = 2) -> int:

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import no_duck_sizing
 from ..contract import BLOCK, Seq
-from ..prefix import PrefixCache, block_hashes, cacheable_blocks
+from ..prefix import PrefixCache, block_hashes, cacheable_blocks, computed_tokens, hash_salt
 from .packed import NAME, full_cache, no_mask, unsupported
+from .readouts import PromptTable
 
 
 class CacheViewMismatch(RuntimeError):
@@ -56,6 +58,7 @@ class RankKVCache:
     def __init__(self, budget_tokens: int):
         self.blocks = PrefixCache(budget_tokens)
         self._kv: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # hash -> keys [L, H, 16, Dk], values [L, H, 16, Dv]
+        self._tables: dict[bytes, PromptTable] = {}  # prompt-logprob blocks -> their positions' readouts (host)
         self._checked: type | None = None  # the model class whose cache layers were checked
 
     @property
@@ -75,6 +78,12 @@ class RankKVCache:
     def kv_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self._kv.values())
 
+    @property
+    def table_bytes(self) -> int:
+        """Host bytes of the prompt tables kept (``PROMPT_TOP`` ids and logprobs and one token logprob per
+        position: 164 bytes per cached token of a prompt-logprob block)."""
+        return sum(t.nbytes for t in self._tables.values())
+
     def __len__(self) -> int:
         return len(self._kv)
 
@@ -84,13 +93,14 @@ class RankKVCache:
     def clear(self) -> None:
         self.blocks.clear()
         self._kv.clear()
+        self._tables.clear()
 
     # ---- one step ------------------------------------------------------------------------------------
     def lookup(self, seqs: list[Seq]) -> tuple[list[list[bytes]], list[int]]:
         """Each sequence's block hashes and reused tokens (rule 4's lookup: the cache before the step, and
         earlier rows of the step), checked against the front end's ``cached`` count where the payload
         carries one."""
-        hashes = [block_hashes(s.ids) for s in seqs]
+        hashes = [block_hashes(s.ids, hash_salt(s.wants)) for s in seqs]
         reuse = [h * BLOCK for h in self.blocks.reuse(hashes, [cacheable_blocks(len(s.ids)) for s in seqs])]
         for i, (s, r) in enumerate(zip(seqs, reuse)):
             if s.cached is not None and s.cached != r:
@@ -103,21 +113,66 @@ class RankKVCache:
         return hashes, reuse
 
     def forward(self, model, seqs: list[Seq], pad_id: int, device: torch.device) -> torch.Tensor:
-        """One step's non-empty batch, packed, with prefix reuse: next-token logits [B, V]. Inserts and
-        evicts after the forward (rule 5): the reused blocks' KV is read before anything is freed, and a
-        forward that raises leaves the cache as it was. Lookup, assembly and commit are host code outside
-        the compiled region; the step's inputs (token ids, positions, the reused KV) are copied to the device
-        once per step."""
+        """One step's non-empty batch, packed, with prefix reuse: next-token logits [B, V] (``run``, with
+        no prompt readouts to keep)."""
+        logits, spans, finish = self.run(model, seqs, pad_id, device)
+        finish([None] * len(seqs))
+        return logits[[e - 1 for _, e in spans]]
+
+    def run(self, model, seqs: list[Seq], pad_id: int, device: torch.device):
+        """One step's non-empty batch, packed, with prefix reuse. Returns the logits ``[K, V]`` at the
+        kept positions, each row's span ``(a, e)`` of them (its computed positions' distributions when it
+        asks for prompt logprobs, else its last), and ``finish(tables)``: given each row's ``PromptTable``
+        of its computed positions (``readouts.readouts``), it returns their full tables (positions 1..n-1:
+        reused blocks' from the cache or a batch-mate, then the computed ones) and commits the step.
+
+        The commit inserts and evicts after the forward (rule 5): the reused blocks' KV is read before
+        anything is freed, and a forward that raises leaves the cache as it was. Lookup, assembly and
+        commit are host code outside the compiled region; the step's inputs (token ids, positions, the
+        reused KV) are copied to the device once per step."""
         hashes, reuse = self.lookup(seqs)
-        inputs, computed = self.assemble(model, seqs, hashes, reuse, pad_id, device)
-        out = model(**inputs, use_cache=True)
-        self.commit(seqs, hashes, reuse, computed, out.cache)
-        return out.logits[0, : len(seqs)]  # [B, V]
+        inputs, computed, spans = self.assemble(model, seqs, hashes, reuse, pad_id, device)
+        # Sizes equal when the warm-up traces (the kept logits and the rows, when no row asks for prompt
+        # logprobs) must not be tied together: the first step where they differ would recompile.
+        with no_duck_sizing():
+            out = model(**inputs, use_cache=True)
+
+        def finish(tables: list[PromptTable | None]) -> list[PromptTable | None]:
+            made = self._made_tables(seqs, hashes, reuse, tables)
+            full = []
+            for s, chain, r, t in zip(seqs, hashes, reuse, tables):
+                if t is None:
+                    full.append(None)
+                    continue
+                blocks = []
+                for h in chain[: r // BLOCK]:
+                    if (b := made.get(h, self._tables.get(h))) is None:
+                        raise RuntimeError("a reused prompt-logprob block has no readouts kept: the prefix cache lost them")
+                    blocks.append(b)
+                full.append(PromptTable.cat(blocks + [t]))
+            self.commit(seqs, hashes, reuse, computed, out.cache, made)
+            return full
+
+        return out.logits[0], spans, finish
+
+    @staticmethod
+    def _made_tables(seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], tables: list[PromptTable | None]) -> dict[bytes, PromptTable]:
+        """The prompt tables of the blocks this step computes (rows with prompt logprobs): a block's 16
+        positions (block 0's from position 1), cut from the first row that computes it."""
+        made: dict[bytes, PromptTable] = {}
+        for chain, r, t in zip(hashes, reuse, tables):
+            if t is None:
+                continue
+            for i in range(r // BLOCK, len(chain)):
+                if chain[i] not in made:
+                    made[chain[i]] = t.part(max(1, i * BLOCK), (i + 1) * BLOCK)
+        return made
 
     def assemble(self, model, seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], pad_id: int,
-                 device: torch.device) -> tuple[dict, dict[bytes, int]]:  # fmt: skip
-        """The model's keyword arguments for the packed step (see the module docstring), and where the
-        keys of each block the step computes start (hash -> index in the layer's P + L keys)."""
+                 device: torch.device) -> tuple[dict, dict[bytes, int], list[tuple[int, int]]]:  # fmt: skip
+        """The model's keyword arguments for the packed step (see the module docstring), where the keys
+        of each block the step computes start (hash -> index in the layer's P + L keys), and each row's
+        span of the kept logits."""
         self._check_model(model)
         past: dict[bytes, int] = {}  # cached block -> its start in the past [0, P)
         computed: dict[bytes, int] = {}  # block computed this step -> its start among the new tokens [0, L)
@@ -125,9 +180,16 @@ class RankKVCache:
         positions: list[int] = []
         rows: list[list[int]] = []
         spans: list[tuple[bool, int, int]] = []  # (in the new tokens?, start, end), before P is known
+        keep: list[int] = []  # logits kept: every computed position of a prompt-logprob row, else the last
+        kept: list[tuple[int, int]] = []  # each row's span of ``keep``
         for s, chain, r in zip(seqs, hashes, reuse):
             q0 = len(ids)
             first = len(spans)
+            # Prompt logprobs after a reused prefix: compute its last token again (``lead``), whose logits
+            # are the first new position's distribution. The row reads its own copy of that key, not the
+            # cached one (the prefix's last range ends one key short), so its keys are still its
+            # positions 0..n-1, once each.
+            lead = computed_tokens(len(s.ids), r, s.wants) - (len(s.ids) - r)
             for h in chain[: r // BLOCK]:
                 new = h in computed
                 start = computed[h] if new else past.setdefault(h, BLOCK * len(past))
@@ -135,19 +197,24 @@ class RankKVCache:
                     spans[-1] = (new, spans[-1][1], start + BLOCK)  # contiguous with the previous block
                 else:
                     spans.append((new, start, start + BLOCK))
-            ids += s.ids[r:]
-            positions += range(r, len(s.ids))
+            if lead:
+                new, start, end = spans[-1]
+                spans[-1] = (new, start, end - lead)
+            ids += s.ids[r - lead :]
+            positions += range(r - lead, len(s.ids))
             spans.append((True, q0, len(ids)))  # its own new tokens, last
             for i in range(r // BLOCK, len(chain)):  # the full blocks it computes, in its new tokens
-                computed.setdefault(chain[i], q0 + i * BLOCK - r)
+                computed.setdefault(chain[i], q0 + lead + i * BLOCK - r)
             rows.append([q0, len(ids), first, len(spans)])
+            kept.append((len(keep), len(keep) + (len(ids) - q0 if s.wants.prompt is not None else 1)))
+            keep += range(q0, len(ids)) if s.wants.prompt is not None else [len(ids) - 1]
         P = BLOCK * len(past)
-        last = [row[1] - 1 for row in rows]
         if len(ids) == 1:
             ids, positions = ids + [pad_id], positions + [0]  # a spare token no row reads (L > 1, see above)
         if len(rows) == 1:
             rows.append([0, 0, len(spans), len(spans)])  # a spare empty row
-            last.append(last[0])
+        if len(keep) == 1:
+            keep.append(keep[0])
         ranges = [[start + (P if new else 0), end + (P if new else 0)] for new, start, end in spans]
         if len(ranges) == 1:
             ranges.append([0, 0])
@@ -169,17 +236,19 @@ class RankKVCache:
             "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
             "attention_mask": no_mask(device),
             "cache": cache,
-            "logits_to_keep": torch.tensor(last, dtype=torch.long, device=device),
+            "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=device),
             "zp_rows": rows_t,  # host tensors: the kernel loops over them
             "zp_ranges": ranges_t,
         }
-        return inputs, {h: P + start for h, start in computed.items()}
+        return inputs, {h: P + start for h, start in computed.items()}, kept
 
-    def commit(self, seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache) -> None:
+    def commit(self, seqs: list[Seq], hashes: list[list[bytes]], reuse: list[int], computed: dict[bytes, int], cache,
+               tables: dict[bytes, PromptTable] | None = None) -> None:  # fmt: skip
         """After the forward: copy out the KV of the blocks the step computed (``computed``: where their
         keys start in the forward's cache ``[1, Hkv, P + L, D]``), then ``PrefixCache.step`` (rule 4), and
-        keep the KV of exactly the blocks it holds. Copying first: a copy that fails (memory) leaves the
-        block set and the KV as they were."""
+        keep the KV of exactly the blocks it holds, with the prompt tables of those that have one
+        (``tables``: prompt-logprob blocks). Copying first: a copy that fails (memory) leaves the block
+        set and the KV as they were."""
         new = {}
         fresh = [(h, at) for h, at in computed.items() if h not in self._kv] if self.enabled else []
         if fresh:
@@ -198,7 +267,9 @@ class RankKVCache:
         for h in evicted:
             if h not in self.blocks:  # an evicted block re-inserted later in the same step keeps its KV
                 self._kv.pop(h, None)
+                self._tables.pop(h, None)
         self._kv.update((h, kv) for h, kv in new.items() if h in self.blocks)
+        self._tables.update((h, t) for h, t in (tables or {}).items() if h in self.blocks and h not in self._tables)
 
     def _check_model(self, model) -> None:
         """A packed step needs the packed attention (``packed.enable``; any other implementation would

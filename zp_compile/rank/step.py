@@ -1,17 +1,18 @@
 """One serving step on one rank: the forward over its batch, then what each sequence asked for.
 
-``run_step(model, seqs, device, kv)`` is the rank's step function. With ``kv`` (a
-``kv_cache.RankKVCache``: the model switched to packed attention) the batch runs packed, each
-sequence computing only the tokens after its reused prefix; without, as one left-padded batch
-(models with layers the packed kernel does not cover, ``packed.unsupported``).
+``run_step(model, seqs, device, kv)`` is the rank's step function (what each sequence reads from the
+logits: ``readouts.py``). With ``kv`` (a ``kv_cache.RankKVCache``: the model switched to packed
+attention) the batch runs packed, each sequence computing only the tokens after its reused prefix;
+without, as one left-padded batch (models with layers the packed kernel does not cover,
+``packed.unsupported``), whose prompt logprobs read the logits of every position [B, S, V].
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..contract import BLOCK, Readout, Sample, Seq
-from ..devices import to_device
+from ..contract import BLOCK, Readout, Seq
+from .readouts import readouts, with_prompt
 
 PAD_ID = 0  # left padding of padded batches: masked out, so any id in the vocabulary does
 
@@ -33,50 +34,6 @@ def batch_inputs(seqs: list[list[int]], pad_id: int = PAD_ID) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def readouts(logits: torch.Tensor, seqs: list[Seq]) -> list[Readout]:
-    """What each sequence asked for (``Seq.wants``), from its next-token logits ``[B, V]``.
-
-    Everything is computed on the logits' device and comes back in ONE device-to-host copy: per row its
-    top-k ids and logprobs, the logprobs of the tokens it asked about, and its next token (greedy, or
-    drawn) with that token's logprob, side by side in one float64 tensor (token ids < 2^53 are exact).
-    """
-    device = logits.device
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    k = min(max([s.wants.top for s in seqs] + [1]), logprobs.shape[-1])
-    top_lp, top_id = logprobs.topk(k, dim=-1)  # [B, k]
-    T = max(len(s.wants.tokens) for s in seqs)
-    asked = torch.tensor([list(s.wants.tokens) + [0] * (T - len(s.wants.tokens)) for s in seqs], dtype=torch.long)  # [B, T]
-    tokens_lp = logprobs.gather(1, to_device(asked, device))  # [B, T]
-    choice = top_id[:, 0].clone()  # [B]: greedy
-    for row, s in enumerate(seqs):
-        if s.wants.sample:
-            choice[row] = sample_token(logits[row].float(), s.wants.sample)  # stays on the device
-    choice_lp = logprobs.gather(1, choice[:, None])  # [B, 1]
-    host = torch.cat([top_id.double(), top_lp.double(), tokens_lp.double(), choice[:, None].double(), choice_lp.double()], 1)
-    table = host.cpu().tolist()  # the one device-to-host copy: [B, 2k + T + 2]
-    out = []
-    for row, s in zip(table, seqs):
-        w = s.wants
-        top = [(int(i), lp) for i, lp in zip(row[: w.top], row[k : k + w.top])]
-        tokens = row[2 * k : 2 * k + len(w.tokens)]
-        out.append(Readout(top, tokens, (int(row[-2]), row[-1])))
-    return out
-
-
-def sample_token(logits_V: torch.Tensor, sample: Sample) -> torch.Tensor:
-    """One token (a 0-d tensor on the logits' device) drawn from softmax(logits / temperature),
-    restricted to the top_p nucleus. A seed seeds a generator on that device (a CPU generator cannot
-    draw for CUDA probabilities)."""
-    probs = torch.softmax(logits_V / sample.temperature, dim=-1)
-    top_p = sample.top_p or 1.0
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, order, torch.where(keep, sorted_p, 0.0))  # no boolean indexing: no sync
-    generator = torch.Generator(device=probs.device).manual_seed(sample.seed) if sample.seed is not None else None
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
 def run_step(model, seqs: list[Seq], device: torch.device, kv=None) -> list[Readout]:
     """Run one step's batch on this rank. An empty batch still takes part in the step's gathers.
 
@@ -90,7 +47,16 @@ def run_step(model, seqs: list[Seq], device: torch.device, kv=None) -> list[Read
             model(input_ids=torch.zeros((0, 1), dtype=torch.long, device=device))
             return []
         if kv is not None:
-            return readouts(kv.forward(model, seqs, PAD_ID, device), seqs)
+            logits, spans, finish = kv.run(model, seqs, PAD_ID, device)
+            outs, tables = readouts(logits, seqs, spans)
+            return [with_prompt(o, s.wants, t) for o, s, t in zip(outs, seqs, finish(tables))]
         batch = {k: v.to(device) for k, v in batch_inputs([s.ids for s in seqs]).items()}
-        logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # [B, V]
-        return readouts(logits, seqs)
+        if all(s.wants.prompt is None for s in seqs):
+            logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # [B, V]
+            return readouts(logits, seqs)[0]
+        # Prompt logprobs: every position's logits, [B, S, V] -> [B * S, V]; row b's last n_b of its S.
+        logits = model(**batch, use_cache=False).logits
+        B, S, V = logits.shape
+        spans = [(b * S + S - len(s.ids), (b + 1) * S) for b, s in enumerate(seqs)]
+        outs, tables = readouts(logits.reshape(B * S, V), seqs, spans)
+        return [with_prompt(o, s.wants, t) for o, s, t in zip(outs, seqs, tables)]

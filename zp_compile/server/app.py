@@ -76,12 +76,27 @@ def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> Fast
         return await serving.classify(state_of(request), body, request)
 
     @app.post("/score", response_model=p.ScoreResponse, responses=_ERRORS)
+    @app.post("/v1/score", response_model=p.ScoreResponse, responses=_ERRORS)
     async def score(body: p.ScoreRequest, request: Request):
         return await serving.score(state_of(request), body, request)
 
     @app.post("/rerank", response_model=p.RerankResponse, responses=_ERRORS)
+    @app.post("/v1/rerank", response_model=p.RerankResponse, responses=_ERRORS)  # Jina's clients
+    @app.post("/v2/rerank", response_model=p.RerankResponse, responses=_ERRORS)  # Cohere's
     async def rerank(body: p.RerankRequest, request: Request):
         return await serving.rerank(state_of(request), body, request)
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: p.TokenizeRequest, request: Request):
+        return await serving.tokenize(state_of(request), body)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: p.DetokenizeRequest, request: Request):
+        return await serving.detokenize(state_of(request), body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        return serving.tokenizer_info(state_of(request))
 
     @app.post("/v1/completions", response_model=p.CompletionResponse, responses=_ERRORS)
     async def completions(body: p.CompletionRequest, request: Request):

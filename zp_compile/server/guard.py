@@ -81,7 +81,8 @@ def _too_large(limit: int) -> JSONResponse:
     return error_response(413, _too_large_message(limit), "request_too_large")
 
 
-ROUTES = ("/classify", "/score", "/rerank", "/v1/completions", "/health", "/v1/models", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/v1/completions", "/tokenize", "/detokenize",
+          "/tokenizer_info", "/health", "/v1/models", "/metrics", "/openapi.json", "/docs")
 
 
 def _route(path: str) -> str:

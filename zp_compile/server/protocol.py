@@ -2,7 +2,10 @@
 
 Unknown fields are refused (``extra="forbid"``): a misspelt option must not be silently ignored. Types
 are strict (a string is never coerced to a number). Completions accept the OpenAI fields a client
-library sends by default, and refuse the ones that would need decoding (``stream``, ``n`` > 1, ``echo``).
+library sends by default, ``echo`` with prompt logprobs (lm-evaluation-harness's loglikelihood), and
+refuse the ones that would need decoding (``stream``, ``n`` > 1, ``max_tokens`` > 1). Score takes
+vLLM's four pairings of its two sides; rerank is one body for the Jina (``/v1/rerank``) and Cohere
+(``/v2/rerank``) clients, as vLLM serves them.
 """
 
 from __future__ import annotations
@@ -33,20 +36,62 @@ class ClassifyRequest(_Request):
     input: Inputs
 
 
+Texts = Union[StrictStr, list[StrictStr]]
+# vLLM's pairings of a score request's two sides, as (first, second) field names.
+SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("text_1", "text_2"), ("data_1", "data_2"))
+
+
 class ScoreRequest(_Request):
-    queries: Union[StrictStr, list[StrictStr]] = Field(description="one query (1:N against items) or one per item (1:1)")
-    items: Union[StrictStr, list[StrictStr]]
+    """One query (1:N against the second side) or one per entry (1:1); the two sides under any of vLLM's
+    names (``SCORE_PAIRS``), exactly one pairing per request."""
+
+    queries: Texts | None = Field(None, description="the first side: one text (1:N) or one per entry of the second (1:1)")
+    documents: Texts | None = None
+    items: Texts | None = None
+    text_1: Texts | None = None
+    text_2: Texts | None = None
+    data_1: Texts | None = None
+    data_2: Texts | None = None
     label_token_ids: list[TokenId] | None = Field(None, description="default: the server's --labels tokens")
     apply_softmax: StrictBool = Field(True, description="softmax over the label tokens only; false: full-vocabulary probabilities")
     item_first: StrictBool = False
 
 
 class RerankRequest(_Request):
+    """Jina's and Cohere's rerank body (vLLM's ``RerankRequest``)."""
+
     query: StrictStr
     documents: list[StrictStr]
-    top_n: Annotated[StrictInt, Field(ge=1)] | None = None
+    top_n: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="the n best documents; 0 or none: all")
     return_documents: StrictBool = True
+    max_tokens_per_doc: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description="Cohere's: keep each document's first k tokens")
     label_token_ids: list[TokenId] | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered with the tokenizer's chat template."""
+
+    prompt: StrictStr | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: StrictBool | None = Field(None, description="default: true for a prompt, false for messages")
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class CompletionRequest(_Request):
@@ -126,9 +171,12 @@ class RerankResponse(_Response):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, log-probability and most likely alternatives (with
+    ``echo``, the prompt's tokens first, whose first entry has none: nothing comes before it)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

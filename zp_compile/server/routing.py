@@ -30,7 +30,7 @@ from itertools import islice
 from ..contract import BLOCK
 from ..costmodel.flops import flops_per_request
 from ..costmodel.spec import ModelSpec
-from ..prefix import PrefixCache, block_hashes, cacheable_blocks
+from ..prefix import PrefixCache, block_hashes, cacheable_blocks, computed_tokens, hash_salt
 from .policies import POLICIES, RankView, make_policy
 from .scheduler import Sequence
 
@@ -109,8 +109,7 @@ class _Fill:
 
     def cost(self, s: Sequence) -> float:
         """``s``'s FLOPs as the next row of this batch."""
-        hit = self.reuse(s) * BLOCK
-        return self.sched._flops(len(s.ids) - hit, hit)
+        return self.sched._work(s, self.reuse(s) * BLOCK)[1]
 
     def take(self, s: Sequence, cap: float | None = None) -> bool:
         """Add ``s`` if the rank is under T and it fits the budgets; whether it was added. ``cap``: instead
@@ -118,11 +117,10 @@ class _Fill:
         if (cap is None and self.full) or len(self.batch) >= self.sched.settings.max_seqs:
             return False
         hit = self.reuse(s)
-        new = len(s.ids) - hit * BLOCK
+        new, flops = self.sched._work(s, hit * BLOCK)
         if self.tokens + new > self.sched.settings.max_tokens:
             self.refused = True
             return False
-        flops = self.sched._flops(new, hit * BLOCK)
         if cap is not None and self.flops + flops > cap:
             return False
         self.batch.append(s)
@@ -207,8 +205,11 @@ class ThresholdScheduler:
         self._held_until: float | None = None
         self.last_step: StepInfo | None = None
 
-    def _flops(self, new: int, cached: int) -> float:
-        return flops_per_request(self.spec, new, cached)
+    def _work(self, s: Sequence, reused: int) -> tuple[int, float]:
+        """The tokens ``s`` computes after reusing ``reused`` (``prefix.computed_tokens``) and their FLOPs:
+        prompt logprobs read the lm_head at every computed position, not only the last."""
+        new = computed_tokens(len(s.ids), reused, s.wants)
+        return new, flops_per_request(self.spec, new, len(s.ids) - new, logits=new if s.wants.prompt is not None else 1)
 
     # ---- the Scheduler protocol ---------------------------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
@@ -224,7 +225,7 @@ class ThresholdScheduler:
             s.rank = r
             self._queues[r][s] = None
             self._since[s] = now
-            estimate = (views[r].flops, len(s.ids) - views[r].matched)
+            estimate = (views[r].flops, self._work(s, views[r].matched)[0])
             self._estimate[s] = estimate
             self._queued_flops[r] += estimate[0]
             self._queued_tokens[r] += estimate[1]
@@ -344,14 +345,14 @@ class ThresholdScheduler:
         """What the policy sees for ``s`` (setting its ``block_hashes``): per rank, reuse counted over the
         cache view and the blocks of sequences queued there (they will be cached once they run)."""
         if s.block_hashes is None:
-            s.block_hashes = block_hashes(s.ids)
-        n, limit = len(s.ids), cacheable_blocks(len(s.ids))
+            s.block_hashes = block_hashes(s.ids, hash_salt(s.wants))
+        limit = cacheable_blocks(len(s.ids))
         out = []
         for r in range(self.ranks):
             cache, pending = self._caches[r], self._pending[r]
             # A rank without a cache keeps nothing between steps: nothing to follow there.
             matched = cache.match(s.block_hashes, limit, pending) * BLOCK if cache.capacity else 0
-            out.append(RankView(matched, self._flops(n - matched, matched), self._queued_flops[r] + self._running_flops[r],
+            out.append(RankView(matched, self._work(s, matched)[1], self._queued_flops[r] + self._running_flops[r],
                                 self._queued_tokens[r] + self._running_tokens[r], cache.tokens + BLOCK * len(pending)))  # fmt: skip
         return out
 

@@ -1,7 +1,8 @@
 """What each task route does: turn a validated body into sequences, queue them, shape the answers.
 
-One function per route (``classify``, ``score``, ``rerank``, ``completions``), each taking the server's
-state, the body and the request (for its disconnect), as vLLM's ``serving_*.py`` do for its routers.
+One function per route (``classify``, ``score``, ``rerank``, ``completions``, ``tokenize``,
+``detokenize``, ``tokenizer_info``), each taking the server's state, the body and the request (for its
+disconnect), as vLLM's ``serving_*.py`` do for its routers.
 """
 
 from __future__ import annotations
@@ -42,22 +43,27 @@ async def classify(s: ServerState, body: p.ClassifyRequest, request: Request) ->
 
 
 async def _pair_scores(s: ServerState, request: Request, queries, items, label_token_ids, apply_softmax: bool, item_first: bool,
-                       truncate: int | None, items_param: str) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
-    """Each (query, item) pair's label probabilities: one query for every item, or one per item."""
+                       truncate: int | None, params: tuple[str, str] = ("queries", "items"),
+                       item_tokens: int | None = None) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+    """Each (query, item) pair's label probabilities: one query for every item, or one per item.
+    ``params``: the two sides' field names (for errors); ``item_tokens``: keep each item's first k tokens."""
     queries = [queries] if isinstance(queries, str) else queries
     items = [items] if isinstance(items, str) else items
-    s.inputs.check_count(items, items_param)
+    s.inputs.check_count(items, params[1])
     if not queries:
-        raise ApiError(400, "queries is empty", param="queries")
+        raise ApiError(400, f"{params[0]} is empty", param=params[0])
     if len(queries) not in (1, len(items)):
-        raise ApiError(400, f"{len(queries)} queries for {len(items)} items: give one query, or one per item", param="queries")
+        raise ApiError(400, f"{len(queries)} {params[0]} for {len(items)} {params[1]}: give one (1:N), or one per entry (1:1)", param=params[0])
     labels = s.inputs.labels_for(label_token_ids)
     tok = s.tokenizer
     ids = []
     for i, item in enumerate(items):
         q = queries[0] if len(queries) == 1 else queries[i]
         first, second = (item, q) if item_first else (q, item)
-        ids.append(s.inputs.check_ids(tok.encode(first) + tok.encode(second, add_special_tokens=False), f"{items_param}[{i}]", truncate))
+        a, b = tok.encode(first), tok.encode(second, add_special_tokens=False)
+        if item_tokens is not None:  # rerank's documents (never item_first): the second side
+            b = b[:item_tokens]
+        ids.append(s.inputs.check_ids(a + b, f"{params[1]}[{i}]", truncate))
     outs = await s.submit(request, s.sequences(ids, Wants(tokens=labels)))
     probs = [softmax(o.tokens) if apply_softmax else [math.exp(x) for x in o.tokens] for o in outs]
     return ids, probs
@@ -65,17 +71,30 @@ async def _pair_scores(s: ServerState, request: Request, queries, items, label_t
 
 async def score(s: ServerState, body: p.ScoreRequest, request: Request) -> p.ScoreResponse:
     s.inputs.check_model(body.model)
-    ids, probs = await _pair_scores(s, request, body.queries, body.items, body.label_token_ids, body.apply_softmax, body.item_first,
-                                    body.truncate_prompt_tokens, "items")  # fmt: skip
+    (a, first), (b, second) = _sides(body)
+    ids, probs = await _pair_scores(s, request, first, second, body.label_token_ids, body.apply_softmax, body.item_first,
+                                    body.truncate_prompt_tokens, (a, b))  # fmt: skip
     data = [p.ScoreData(index=i, score=pr[0], probs=pr) for i, pr in enumerate(probs)]
     return p.ScoreResponse(model=s.settings.model_name, data=data, usage=usage(ids))
+
+
+def _sides(body: p.ScoreRequest):
+    """The two sides of a score request, ((name, value), (name, value)), under exactly one of vLLM's
+    pairings (``protocol.SCORE_PAIRS``)."""
+    given = [f for f in dict.fromkeys(f for pair in p.SCORE_PAIRS for f in pair) if getattr(body, f) is not None]
+    for a, b in p.SCORE_PAIRS:
+        if given == [a, b]:
+            return (a, getattr(body, a)), (b, getattr(body, b))
+    names = ", ".join(f"{a} with {b}" for a, b in p.SCORE_PAIRS)
+    got = f"got {', '.join(given)}" if given else "got neither side"
+    raise ApiError(400, f"give the two sides as exactly one pairing: {names}; {got}", param=given[-1] if given else "queries")
 
 
 async def rerank(s: ServerState, body: p.RerankRequest, request: Request) -> p.RerankResponse:
     s.inputs.check_model(body.model)
     ids, probs = await _pair_scores(s, request, body.query, body.documents, body.label_token_ids, True, False, body.truncate_prompt_tokens,
-                                    "documents")  # fmt: skip
-    order = sorted(range(len(probs)), key=lambda i: -probs[i][0])[: body.top_n]
+                                    ("query", "documents"), body.max_tokens_per_doc)  # fmt: skip
+    order = sorted(range(len(probs)), key=lambda i: -probs[i][0])[: body.top_n or None]  # top_n 0 or none: all
     results = [
         p.RerankResult(index=i, relevance_score=probs[i][0], document=p.RerankDocument(text=body.documents[i]) if body.return_documents else None)
         for i in order
@@ -84,13 +103,15 @@ async def rerank(s: ServerState, body: p.RerankRequest, request: Request) -> p.R
 
 
 async def completions(s: ServerState, body: p.CompletionRequest, request: Request) -> p.CompletionResponse:
+    """OpenAI's legacy completions, one token at most. With ``echo`` the prompt comes back first (its
+    text, and with ``logprobs`` every prompt token's log-probability and top alternatives, the first
+    token's null): lm-evaluation-harness's loglikelihood request."""
     s.inputs.check_model(body.model)
     refuse = {
         "max_tokens": body.max_tokens is not None and body.max_tokens > 1,
         "stream": body.stream,
         "n": body.n > 1,
         "best_of": (body.best_of or 1) > 1,
-        "echo": body.echo,
         "logit_bias": bool(body.logit_bias),
         "suffix": body.suffix is not None,
     }
@@ -102,15 +123,89 @@ async def completions(s: ServerState, body: p.CompletionRequest, request: Reques
     ids = s.inputs.encode(body.prompt, "prompt", body.truncate_prompt_tokens)
     sample = Sample(body.temperature, body.top_p, body.seed) if body.temperature else None  # None or 0: greedy
     one = body.max_tokens != 0
-    outs = await s.submit(request, s.sequences(ids, Wants(top=body.logprobs or 0, sample=sample)))
+    k = body.logprobs
+    echo_logprobs = body.echo and k is not None
+    wants = Wants(top=k or 0, sample=sample, prompt=k if echo_logprobs else None)
+    outs = await s.submit(request, s.sequences(ids, wants))
+    texts = _prompt_texts(body.prompt, ids, s.tokenizer) if body.echo else [""] * len(ids)
+    decode = lambda t: s.tokenizer.decode([t])  # noqa: E731 - one token's text, as OpenAI and vLLM show it
     choices = []
-    for i, (x, out) in enumerate(zip(ids, outs)):
+    for i, (x, out, prompt_text) in enumerate(zip(ids, outs, texts)):
         token, lp = out.next
-        text = s.tokenizer.decode([token]) if one else ""
+        text = decode(token) if one else ""
         logprobs = None
-        if body.logprobs is not None and one:
-            top = {s.tokenizer.decode([t]): v for t, v in out.top}
-            offset = len(s.tokenizer.decode(x))
-            logprobs = p.CompletionLogprobs(tokens=[text], token_logprobs=[lp], top_logprobs=[top], text_offset=[offset])
-        choices.append(p.CompletionChoice(index=i, text=text, logprobs=logprobs))
+        if k is not None:
+            tokens, token_lps, tops = [], [], []
+            if body.echo:
+                tokens, token_lps = [decode(t) for t in x], [None, *out.prompt_logprobs]
+                tops = [None] + [_top_dict(top, t, v, decode) for top, t, v in zip(out.prompt_top, x[1:], out.prompt_logprobs)]
+            if one:
+                tokens.append(text)
+                token_lps.append(lp)
+                tops.append(_top_dict(out.top, token, lp, decode))
+            offsets = [0]
+            for t in tokens[:-1]:
+                offsets.append(offsets[-1] + len(t))
+            logprobs = p.CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops,
+                                            text_offset=offsets if body.echo else [len(s.tokenizer.decode(x))])  # fmt: skip
+        choices.append(p.CompletionChoice(index=i, text=prompt_text + text, logprobs=logprobs))
     return p.CompletionResponse(model=s.settings.model_name, choices=choices, usage=usage(ids, len(ids) if one else 0))
+
+
+def _prompt_texts(prompt, ids: list[list[int]], tokenizer) -> list[str]:
+    """What ``echo`` returns for each prompt: the text as given, or the tokens' text (token ids, or text
+    that ``truncate_prompt_tokens`` shortened)."""
+    given = [prompt] if isinstance(prompt, str) else prompt if prompt and isinstance(prompt[0], str) else [None] * len(ids)
+    return [t if isinstance(t, str) and tokenizer.encode(t) == x else tokenizer.decode(x) for t, x in zip(given, ids)]
+
+
+def _top_dict(top: list[tuple[int, float]], token: int, lp: float, decode) -> dict[str, float]:
+    """One position's ``top_logprobs``: its most likely tokens, and the token there (OpenAI returns it
+    too, so up to k + 1 entries), by text."""
+    out = {decode(t): v for t, v in top}
+    out.setdefault(decode(token), lp)
+    return out
+
+
+async def tokenize(s: ServerState, body: p.TokenizeRequest) -> p.TokenizeResponse:
+    """vLLM's ``/tokenize``: a prompt's token ids, or chat messages' through the tokenizer's template."""
+    s.inputs.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt or messages", param="prompt")
+    tok = s.tokenizer
+    if body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template: tokenize a prompt instead of messages", param="messages")
+        try:
+            ids = tok.apply_chat_template(body.messages, tokenize=True, return_dict=False, add_generation_prompt=body.add_generation_prompt,
+                                          continue_final_message=body.continue_final_message)  # fmt: skip
+        except Exception as e:  # the template's own complaint about these messages
+            raise ApiError(400, f"messages: the chat template failed: {e}", param="messages") from e
+        if body.add_special_tokens:
+            ids = tok.build_inputs_with_special_tokens(ids)
+    strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return p.TokenizeResponse(count=len(ids), max_model_len=s.max_model_len, tokens=ids, token_strs=strs)
+
+
+async def detokenize(s: ServerState, body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+    s.inputs.check_model(body.model)
+    s.inputs.check_vocab(body.tokens, "tokens")
+    return p.DetokenizeResponse(prompt=s.tokenizer.decode(body.tokens))
+
+
+def tokenizer_info(s: ServerState) -> dict:
+    """vLLM's ``/tokenizer_info``: the tokenizer's special tokens, chat template and limits (what a
+    client that tokenizes through the server, such as lm-evaluation-harness's, reads)."""
+    tok = s.tokenizer
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+        "pad_token": tok.pad_token,
+        "unk_token": tok.unk_token,
+        "chat_template": getattr(tok, "chat_template", None),
+        "model_max_length": s.max_model_len,
+        "vocab_size": s.inputs.vocab,
+    }
