@@ -276,3 +276,42 @@ def test_factory_refuses_layouts_that_are_not_published(tmp_path):
 def test_codec_for_reads_the_block_size(block):
     assert codec_for({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block), "activation_scheme": "dynamic"}) == BlockFp8(block)
     assert codec_for(None) is None and codec_for({"quant_method": "mxfp4"}) == Mxfp4()
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_planner_takes_bytes_per_weight_from_the_checkpoint(checkpoints, capsys, family, method):
+    """``zp-compile plan --model DIR``: the bank, the shards and the gather are at the checkpoint's
+    bytes per weight (scales included), not the hardware profile's."""
+    import dataclasses
+
+    from zp_compile import cli
+    from zp_compile.costmodel.hardware import HARDWARE
+    from zp_compile.costmodel.planning import PlanSettings, gather_s
+    from zp_compile.costmodel.spec import load_model
+    from zp_compile.models.loading import stored_sizes
+
+    path = checkpoints(family, quantization=method, **FP8_SIZES)
+    H, I = FP8_SIZES["hidden"], FP8_SIZES["expert_size"]  # noqa: E741
+    weights = 3 * H * I
+    if method == "fp8":  # gate and up [I, H] with [1, 2] fp32 scales, down [H, I] with [2, 1]
+        expected_experts, expected_linear = (weights + 3 * 2 * 4) / weights, 1.0
+    else:  # blocks: half a byte per weight, scales: one byte per 32; biases [2I] and [H] in bf16
+        expected_experts, expected_linear = (weights * (0.5 + 1 / 32) + (2 * I + H) * 2) / (weights + 2 * I + H), 2.0
+    sizes = stored_sizes(path)
+    assert sizes.method == method and sizes.expert_bytes_per_weight == pytest.approx(expected_experts, rel=1e-12)
+    if method == "fp8":
+        assert 1.0 < sizes.linear_bytes_per_weight < 1.001
+    else:
+        assert sizes.linear_bytes_per_weight == expected_linear
+    assert stored_sizes(checkpoints(family, **FP8_SIZES)) is None
+
+    quantized = load_model(str(path))
+    plain = dataclasses.replace(quantized, quantization="", expert_weight_bytes=0.0, linear_weight_bytes=0.0)
+    hw = dataclasses.replace(HARDWARE["h100-bf16"], hop_latency_s=0.0)
+    s = PlanSettings(gpus=4)
+    assert gather_s(quantized, hw, s) / gather_s(plain, hw, s) == pytest.approx(expected_experts / hw.weight_bytes)
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["plan", "--model", str(path), "--hardware", "h100-fp8", "--gpus", "4"])
+    assert done.value.code == 0
+    assert f"at {expected_experts:.5g} byte(s)/weight ({method} checkpoint, scales included" in capsys.readouterr().out

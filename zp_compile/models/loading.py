@@ -264,6 +264,68 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
+@dataclass
+class _Routed:
+    """A checkpoint's tensors routed to the parameters of its model, built on the meta device."""
+
+    model: nn.Module
+    layers: list[MoELayer]
+    entries: dict[str, _Entry]
+    codec: Codec | None
+    stored: dict[str, StoredWeight]  # the quantized weights: decoded name -> stored tensors
+    plans: dict[str, ParamPlan]
+
+
+def _routed(path: Path, dtype: torch.dtype | None) -> _Routed:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
+    config = AutoConfig.from_pretrained(path)
+    codec = codec_for(getattr(config, "quantization_config", None), where=str(path))
+    entries = checkpoint_index(path)
+    stored = stored_weights(codec, {k: (e.dtype, e.shape) for k, e in entries.items()}) if codec else {}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    layers = find_moe_layers(model)
+    expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
+    plans = plan_reads(model, decoded_shapes({k: e.shape for k, e in entries.items()}, stored), expert_names)
+    return _Routed(model, layers, entries, codec, stored, plans)
+
+
+@dataclass(frozen=True)
+class StoredSizes:
+    """Bytes per weight as a quantized checkpoint stores them, scales included."""
+
+    method: str
+    expert_bytes_per_weight: float  # every tensor of the routed experts (biases too) over their weights
+    linear_bytes_per_weight: float  # the other linear layers: attention, shared experts, dense MLPs
+
+
+def stored_sizes(path: str | Path) -> StoredSizes | None:
+    """What checkpoint ``path`` spends per weight, from its headers (nothing read); None when it is not
+    quantized. The quantized linear layers outside the experts are averaged; where none is (MXFP4
+    quantizes experts only) they are at the checkpoint's dtype."""
+    c = _routed(Path(path), None)
+    if c.codec is None:
+        return None
+
+    def nbytes(key: str) -> int:
+        weight = c.stored.get(key)
+        return weight.stored_bytes if weight is not None else math.prod(c.entries[key].shape) * c.entries[key].dtype.itemsize
+
+    experts = [p for p in c.plans.values() if p.is_expert]
+    expert_bytes = sum(nbytes(r.key) for p in experts for r in p.reads) / sum(math.prod(p.shape) for p in experts)
+    routed_keys = {r.key for p in experts for r in p.reads}
+    linear = [w for key, w in c.stored.items() if key not in routed_keys]
+    if linear:
+        linear_bytes = sum(w.stored_bytes for w in linear) / sum(math.prod(w.shape) for w in linear)
+    else:
+        linear_bytes = next(iter(c.model.parameters())).dtype.itemsize
+    return StoredSizes(c.codec.method, expert_bytes, linear_bytes)
+
+
 def load_sharded(
     path: str | Path,
     group: torch.distributed.ProcessGroup | None,
@@ -278,22 +340,10 @@ def load_sharded(
     it is read: the host never holds more than one tensor of a GPU rank's model.
 
     Returns the model (eval mode) and its MoE layers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
-    config = AutoConfig.from_pretrained(path)
-    codec = codec_for(getattr(config, "quantization_config", None), where=str(path))
-    entries = checkpoint_index(path)
-    stored = stored_weights(codec, {k: (e.dtype, e.shape) for k, e in entries.items()}) if codec else {}
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-    layers = find_moe_layers(model)
-    expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
-    plans = plan_reads(model, decoded_shapes({k: e.shape for k, e in entries.items()}, stored), expert_names)
-    reader = _Reader(entries, codec, stored)
+    c = _routed(path, dtype)
+    model, layers, plans = c.model, c.layers, c.plans
+    reader = _Reader(c.entries, c.codec, c.stored)
     if reader_log is not None:
         reader.log = reader_log
     # Each tensor takes the dtype its (meta) parameter was built with: the requested dtype, except
