@@ -206,6 +206,33 @@ def test_each_rank_reads_its_rows_and_scales_only(checkpoints, family, method):
         assert len(layers) == 2 and all(hasattr(layer.module, "_zp_gather") for layer in layers)
 
 
+def test_stacked_fp8_experts_are_read_by_rows(checkpoints, tmp_path):
+    """FP8 experts stored stacked (``mlp.experts.gate_up_proj`` [E, ...] + ``gate_up_proj_scale_inv``,
+    transformers' naming) and a non-default block size: each rank reads its rows of both and gets its
+    rows of the decoded bank."""
+    from safetensors.torch import save_file
+
+    src = checkpoints("gpt_oss", num_experts=5, dtype=torch.bfloat16)  # gpt_oss saves its experts stacked
+    codec = BlockFp8((32, 16))
+    tensors, banks = _safetensors(src), {}
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        stored = codec.encode(tensors[key])
+        tensors[key], tensors[key + "_scale_inv"] = stored["weight"], stored["scale"]
+        banks[key] = codec.decode(stored, torch.float32)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 16], "activation_scheme": "dynamic"}
+    path = _with_quantization_config(src, tmp_path / "stacked", fp8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for rank in range(3):
+        log: list = []
+        with fake_world(3, rank):
+            model, _ = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
+        plan = ExpertShard(5, 3, rank)
+        state = model.state_dict()
+        for key, bank in banks.items():
+            assert torch.equal(state[key + SHARD_SUFFIX][: plan.num_owned], bank[plan.start : plan.stop]), key
+            assert (key, (plan.start, plan.stop)) in log and (key + "_scale_inv", (plan.start, plan.stop)) in log
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_sharded_logits_match_dequantized_reference(checkpoints, world_size):
     """Logits (fp32) of ``zp_compile.from_pretrained`` at each world size vs the unmodified model that
