@@ -220,3 +220,32 @@ def measured_threshold(rank: int, world_size: int, path: str, transport: str) ->
 
     model = zp_compile.from_pretrained(path, backend="eager", transport=transport)
     return dataclasses.asdict(zp_compile.saturation_threshold(model, context=256, reps=2))
+
+
+def quantized_logit_error(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """For each quantized checkpoint: ``zp_compile.from_pretrained`` logits (fp32, this rank's experts
+    only) vs the unmodified model transformers builds from the same checkpoint, dequantized at load."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    out = []
+    for case in cases:
+        torch._dynamo.reset()
+        # Without a GPU transformers' FP8 and MXFP4 quantizers dequantize every weight at load.
+        ref = AutoModelForCausalLM.from_pretrained(case["path"], dtype=torch.float32).eval()
+        ids, mask = padded_batch(rank, ref.config.get_text_config().vocab_size)
+        model = zp_compile.from_pretrained(case["path"], dtype=torch.float32, prefetch=case.get("prefetch", 1), backend="aot_eager")
+        with torch.inference_mode():
+            expected = ref(input_ids=ids, attention_mask=mask).logits
+            got = model(input_ids=ids, attention_mask=mask).logits
+        valid = mask.bool()
+        out.append(
+            {
+                **case,
+                "max_abs_diff": (got - expected)[valid].abs().max().item(),
+                "logit_scale": expected[valid].abs().max().item(),
+                "sharded_layers": len(model.zero_prefill.sharded_layers),
+            }
+        )
+    return out

@@ -75,7 +75,9 @@ def format_plan(p: planning.Plan, timing: calibrate.ForwardTiming | None = None,
         f"{s.tokens_per_gpu:,} tokens per GPU per step, {s.context:,}-token requests",
         f"model: {m.total_params / 1e9:.1f}B parameters, {m.active_params_per_token / 1e9:.1f}B active per token "
         f"(+ lm_head once per request); {len(m.moe_layers)}/{m.layers} MoE layers x {m.experts} experts, top-{m.top_k}; "
-        f"expert bank {m.bank_params * hw.weight_bytes / GB:.2f} GB per layer at {hw.weight_bytes} byte(s)/weight",
+        f"expert bank {m.bank_params * planning.expert_weight_bytes(m, hw) / GB:.2f} GB per layer at "
+        f"{planning.expert_weight_bytes(m, hw):.5g} byte(s)/weight"
+        + (f" ({m.quantization} checkpoint, scales included; other linear layers {m.linear_weight_bytes:.5g})" if m.quantization else ""),
     ]
     if timing is not None:
         lines.append(

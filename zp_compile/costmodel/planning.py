@@ -111,13 +111,23 @@ class Memory:
         return self.total <= self.usable
 
 
+def expert_weight_bytes(m: ModelSpec, hw: Hardware) -> float:
+    """Bytes per routed-expert weight: a quantized checkpoint's own (scales included), else the profile's."""
+    return m.expert_weight_bytes or hw.weight_bytes
+
+
+def linear_weight_bytes(m: ModelSpec, hw: Hardware) -> float:
+    """Bytes per weight of the other linear layers (attention, shared experts, dense MLPs), as above."""
+    return m.linear_weight_bytes or hw.weight_bytes
+
+
 def memory_per_gpu(m: ModelSpec, hw: Hardware, s: PlanSettings) -> Memory:
-    w, a, B = hw.weight_bytes, s.activation_bytes, s.tokens_per_gpu
+    w, a, B = expert_weight_bytes(m, hw), s.activation_bytes, s.tokens_per_gpu
     H = m.hidden
     # Embeddings, lm_head, norms and the router stay BF16 in FP8 checkpoints; the rest is at hw.weight_bytes.
     unquantised = [H * m.experts + m.experts * m.expert_bias + 2 * H if i in m.moe_layers else 2 * H for i in range(m.layers)]
     quantised = sum(m.dense_params(i) for i in range(m.layers)) - sum(unquantised)
-    dense = quantised * w + (sum(unquantised) + m.embed_params + H) * 2
+    dense = quantised * linear_weight_bytes(m, hw) + (sum(unquantised) + m.embed_params + H) * 2
     sharded = sharded_layers(m, s)
     bank = m.bank_params * w
     shard = _shard_rows(m, s.gpus) * m.expert_params * w
@@ -162,7 +172,7 @@ def gather_s(m: ModelSpec, hw: Hardware, s: PlanSettings, offloaded: bool = Fals
     different layers, so the slower one sets the pace."""
     if s.gpus == 1:
         return 0.0
-    shard = _shard_rows(m, s.gpus) * m.expert_params * hw.weight_bytes
+    shard = _shard_rows(m, s.gpus) * m.expert_params * expert_weight_bytes(m, hw)
     t = shard * (s.gpus - 1) / _link_bw(hw, s) + (s.gpus - 1) * hw.hop_latency_s
     return max(t, shard / (hw.pcie_bw * s.link_efficiency)) if offloaded else t
 
@@ -268,7 +278,8 @@ def predict(m: ModelSpec, hw: Hardware, s: PlanSettings, offloaded_layers: int =
     preds["PP"] = mk("PP", t, f"bubble {(N - 1) / (mb + N - 1):.0%}, {mb} micro-batches", tokens=mb * B)
     # Baselines hold 1/N of every weight; AsyncEP's memory is checked in detail by memory_per_gpu.
     usable = hw.memory_bytes * s.memory_utilization
-    w = (m.total_params - m.embed_params) * hw.weight_bytes / N + m.embed_params * 2 / N
+    banks = len(m.moe_layers) * m.bank_params
+    w = (banks * expert_weight_bytes(m, hw) + (m.total_params - m.embed_params - banks) * linear_weight_bytes(m, hw) + m.embed_params * 2) / N
     for k in ("TP", "EP", "PP"):
         preds[k] = replace(preds[k], weights_per_gpu=w, fits=w <= usable)
     return preds

@@ -6,7 +6,7 @@ Shape letters: H hidden, I expert width, E experts, k experts per token, L layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -35,6 +35,11 @@ class ModelSpec:
     window_layers: tuple[int, ...] = ()
     expert_bias: bool = False  # GPT-OSS: biases on experts and router
     tie_embeddings: bool = False
+    # A quantized checkpoint's own bytes per weight, scales included (0: the hardware profile's):
+    # the routed experts' (bank, shards, gathers) and the other linear layers'.
+    quantization: str = ""
+    expert_weight_bytes: float = 0.0
+    linear_weight_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.moe_layers or self.experts < 1 or self.top_k < 1:
@@ -181,10 +186,19 @@ def load_config(name_or_dir: str):
 
 
 def load_model(name_or_dir: str) -> ModelSpec:
-    """A checkpoint directory (its config.json, read by transformers' AutoConfig) or a built-in name."""
+    """A checkpoint directory (its config.json, read by transformers' AutoConfig) or a built-in name.
+    A quantized checkpoint directory also gives its bytes per weight, from the safetensors headers."""
     config = load_config(name_or_dir)
     if config is not None:
-        return spec_from_config(config, name=Path(name_or_dir).resolve().name)
+        spec = spec_from_config(config, name=Path(name_or_dir).resolve().name)
+        if not getattr(config, "quantization_config", None):
+            return spec
+        from ..models.loading import stored_sizes  # torch and the checkpoint's headers: only for a quantized directory
+
+        path = Path(name_or_dir)
+        sizes = stored_sizes(path.parent if path.name == "config.json" else path)
+        return replace(spec, quantization=sizes.method, expert_weight_bytes=sizes.expert_bytes_per_weight,
+                       linear_weight_bytes=sizes.linear_bytes_per_weight)  # fmt: skip
     key = name_or_dir.lower().rsplit("/", 1)[-1]  # accept Hub ids: Qwen/Qwen3-235B-A22B
     if key not in MODELS:
         raise ValueError(f"{name_or_dir!r} is neither a directory nor a known model; known: {', '.join(MODELS)}")

@@ -4,7 +4,7 @@
 family (see ``factory.py``).
 """
 
-from .factory import DEFAULT, FAMILIES, VERIFIED_FAMILIES, default_checkpoint, tiny, tiny_config, tiny_with_tokenizer
+from .factory import DEFAULT, FAMILIES, QUANTIZATIONS, VERIFIED_FAMILIES, default_checkpoint, tiny, tiny_config, tiny_with_tokenizer
 from .tokenizer import tiny_tokenizer
 
-__all__ = ["DEFAULT", "FAMILIES", "VERIFIED_FAMILIES", "default_checkpoint", "tiny", "tiny_config", "tiny_tokenizer", "tiny_with_tokenizer"]
+__all__ = ["DEFAULT", "FAMILIES", "QUANTIZATIONS", "VERIFIED_FAMILIES", "default_checkpoint", "tiny", "tiny_config", "tiny_tokenizer", "tiny_with_tokenizer"]

@@ -7,6 +7,10 @@ Checkpoints store experts either stacked (``mlp.experts.gate_up_proj`` [E, ...]:
 ``[lo, hi)``). The key -> parameter routing is transformers' own (``get_model_conversion_mapping`` and
 ``rename_source_key``, the calls its ``from_pretrained`` makes), so family-specific renames and fused
 gate/up layouts come from one place.
+
+Quantized checkpoints (block-FP8, MXFP4 experts; ``quantized.py``) are routed the same way: each
+weight's stored tensors (FP8 values and block scales, MXFP4 blocks and scales) stand for the weight,
+and are read for the same rows, then decoded to the parameter's dtype one shard at a time.
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ from torch import nn
 
 from ..sharding import ExpertShard
 from .discovery import MoELayer, find_moe_layers
+from .errors import CheckpointError
+from .quantized import Codec, StoredWeight, codec_for, decoded_shapes, stored_weights
 from .rewrite import gather_spec, install_shards
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not match the model its config describes."""
 
 
 @dataclass
@@ -177,13 +179,33 @@ def _read_header(file: Path) -> dict[str, _Entry]:
 class _Reader:
     """Reads byte ranges of safetensors files straight into tensors (``pread``, no memory map), so a
     rank's resident memory holds what it asked for and nothing else: the rows [lo, hi) of a stacked
-    expert tensor are one contiguous byte range."""
+    expert tensor are one contiguous byte range. A quantized weight's stored tensors are read for the
+    same rows and decoded (``codec``) to the dtype asked for."""
 
-    def __init__(self, entries: dict[str, _Entry]) -> None:
+    def __init__(self, entries: dict[str, _Entry], codec: Codec | None = None, stored: dict[str, StoredWeight] | None = None) -> None:
         self.entries = entries
-        self.log: list[tuple[str, object]] = []  # (key, rows read), for tests
+        self.codec = codec
+        self.stored = stored or {}
+        self.log: list[tuple[str, object]] = []  # (checkpoint key, rows read), for tests
 
-    def read(self, key: str, lo: int | None = None, hi: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self,
+        key: str,
+        lo: int | None = None,
+        hi: int | None = None,
+        out: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Rows [lo, hi) (default all) of weight ``key``, into ``out`` when given; a quantized weight
+        comes back decoded to ``out``'s dtype, else ``dtype``."""
+        weight = self.stored.get(key)
+        if weight is None:
+            return self._read_stored(key, lo, hi, out)
+        parts = {role: self._read_stored(k, lo, hi) for role, k in weight.keys.items()}
+        value = self.codec.decode(parts, out.dtype if out is not None else dtype)
+        return value if out is None else out.copy_(value)
+
+    def _read_stored(self, key: str, lo: int | None, hi: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         e = self.entries[key]
         rows = e.shape[0] if e.shape else 1
         lo, hi = (0, rows) if lo is None else (lo, hi)
@@ -202,27 +224,34 @@ class _Reader:
             return out
         return dst
 
-    def whole(self, plan: ParamPlan) -> torch.Tensor:
+    def whole(self, plan: ParamPlan, dtype: torch.dtype) -> torch.Tensor:
         (read,) = plan.reads
-        return self.read(read.key)
+        return self.read(read.key, dtype=dtype)
 
     def expert_rows(self, plan: ParamPlan, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out[: hi - lo]`` with rows [lo, hi) of an expert parameter."""
         for r in plan.reads:
             if r.expert is None:
                 if r.transpose:
-                    out[: hi - lo].copy_(self.read(r.key, lo, hi).transpose(*r.transpose))
+                    out[: hi - lo].copy_(self.read(r.key, lo, hi, dtype=out.dtype).transpose(*r.transpose))
                 else:
                     self.read(r.key, lo, hi, out=out[: hi - lo])
             elif lo <= r.expert < hi:
                 target = out[r.expert - lo]
                 if r.dim is not None:
-                    part = self.entries[r.key].shape[r.dim - 1]
+                    part = self._shape(r.key)[r.dim - 1]
                     target = target.narrow(r.dim - 1, r.offset, part)
+                first = len(self.log)
                 self.read(r.key, out=target)
-                self.log[-1] = (r.key, (r.expert, r.expert + 1))
+                # A per-expert tensor (and its scales) is this expert's row of the bank.
+                self.log[first:] = [(key, (r.expert, r.expert + 1)) for key, _ in self.log[first:]]
             # else: another rank's expert, never opened
         return out
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        """The shape of weight ``key`` as the model sees it (decoded, for a quantized weight)."""
+        weight = self.stored.get(key)
+        return weight.shape if weight is not None else self.entries[key].shape
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -233,6 +262,68 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
     else:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+@dataclass
+class _Routed:
+    """A checkpoint's tensors routed to the parameters of its model, built on the meta device."""
+
+    model: nn.Module
+    layers: list[MoELayer]
+    entries: dict[str, _Entry]
+    codec: Codec | None
+    stored: dict[str, StoredWeight]  # the quantized weights: decoded name -> stored tensors
+    plans: dict[str, ParamPlan]
+
+
+def _routed(path: Path, dtype: torch.dtype | None) -> _Routed:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
+    config = AutoConfig.from_pretrained(path)
+    codec = codec_for(getattr(config, "quantization_config", None), where=str(path))
+    entries = checkpoint_index(path)
+    stored = stored_weights(codec, {k: (e.dtype, e.shape) for k, e in entries.items()}) if codec else {}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    layers = find_moe_layers(model)
+    expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
+    plans = plan_reads(model, decoded_shapes({k: e.shape for k, e in entries.items()}, stored), expert_names)
+    return _Routed(model, layers, entries, codec, stored, plans)
+
+
+@dataclass(frozen=True)
+class StoredSizes:
+    """Bytes per weight as a quantized checkpoint stores them, scales included."""
+
+    method: str
+    expert_bytes_per_weight: float  # every tensor of the routed experts (biases too) over their weights
+    linear_bytes_per_weight: float  # the other linear layers: attention, shared experts, dense MLPs
+
+
+def stored_sizes(path: str | Path) -> StoredSizes | None:
+    """What checkpoint ``path`` spends per weight, from its headers (nothing read); None when it is not
+    quantized. The quantized linear layers outside the experts are averaged; where none is (MXFP4
+    quantizes experts only) they are at the checkpoint's dtype."""
+    c = _routed(Path(path), None)
+    if c.codec is None:
+        return None
+
+    def nbytes(key: str) -> int:
+        weight = c.stored.get(key)
+        return weight.stored_bytes if weight is not None else math.prod(c.entries[key].shape) * c.entries[key].dtype.itemsize
+
+    experts = [p for p in c.plans.values() if p.is_expert]
+    expert_bytes = sum(nbytes(r.key) for p in experts for r in p.reads) / sum(math.prod(p.shape) for p in experts)
+    routed_keys = {r.key for p in experts for r in p.reads}
+    linear = [w for key, w in c.stored.items() if key not in routed_keys]
+    if linear:
+        linear_bytes = sum(w.stored_bytes for w in linear) / sum(math.prod(w.shape) for w in linear)
+    else:
+        linear_bytes = next(iter(c.model.parameters())).dtype.itemsize
+    return StoredSizes(c.codec.method, expert_bytes, linear_bytes)
 
 
 def load_sharded(
@@ -249,20 +340,10 @@ def load_sharded(
     it is read: the host never holds more than one tensor of a GPU rank's model.
 
     Returns the model (eval mode) and its MoE layers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
-    config = AutoConfig.from_pretrained(path)
-    entries = checkpoint_index(path)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-    layers = find_moe_layers(model)
-    expert_names = {f"{layer.path}.{p}" for layer in layers for p in layer.expert_params}
-    plans = plan_reads(model, {k: e.shape for k, e in entries.items()}, expert_names)
-    reader = _Reader(entries)
+    c = _routed(path, dtype)
+    model, layers, plans = c.model, c.layers, c.plans
+    reader = _Reader(c.entries, c.codec, c.stored)
     if reader_log is not None:
         reader.log = reader_log
     # Each tensor takes the dtype its (meta) parameter was built with: the requested dtype, except
@@ -272,7 +353,7 @@ def load_sharded(
     device = torch.device(device or "cpu")
     for name, plan in plans.items():
         if not plan.is_expert:
-            _set_tensor(model, name, reader.whole(plan).to(device=device, dtype=dtypes[name]))
+            _set_tensor(model, name, reader.whole(plan, dtypes[name]).to(device=device, dtype=dtypes[name]))
 
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0

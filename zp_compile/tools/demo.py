@@ -14,13 +14,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zp_compile.models.factory import QUANTIZATIONS
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: a tiny built-in MoE)")
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
     parser.add_argument("--device", default="auto", help="cuda (rank i on cuda:LOCAL_RANK), cpu, or auto (default): cuda when it works")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="build the built-in model in this published layout (fp8: block-FP8 Qwen3-MoE; mxfp4: gpt-oss MXFP4 experts)")
     args = parser.parse_args(argv)
+    if args.quantization and args.model:
+        parser.error("--quantization builds the built-in model; a --model directory's config.json says how it is stored")
 
     from transformers import AutoModelForCausalLM
 
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.model
     if path is None:
         if rank == 0:
-            path = default_checkpoint()  # tiny random Qwen3-MoE + a tokenizer made locally
+            path = default_checkpoint(args.quantization)  # tiny random MoE + a tokenizer made locally
         if dist.is_initialized():
             holder = [path]
             dist.broadcast_object_list(holder, src=0)

@@ -1,0 +1,344 @@
+"""Quantized checkpoints as published (block-FP8, MXFP4 experts): the tiny factory's layouts, their
+decoding against transformers' own, sharded loading and logits against the dequantized reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zp_compile.models import tiny
+from zp_compile.models.loading import CheckpointError, checkpoint_index, load_sharded
+from zp_compile.models.quantized import BlockFp8, Mxfp4, codec_for
+from zp_compile.models.rewrite import SHARD_SUFFIX
+from zp_compile.sharding import ExpertShard
+
+from dist_utils import fake_world, run_ranks
+from workers import quantized_logit_error
+
+# Published block-FP8 uses 128 x 128 blocks: sizes of 128 and 256 give whole and partial blocks.
+FP8_SIZES = {"hidden": 256, "expert_size": 128}
+PUBLISHED = [("qwen3_moe", "fp8"), ("deepseek_v3", "fp8"), ("gpt_oss", "mxfp4")]
+FP32_TOL = 1e-4
+
+
+def _fp8_reference(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """transformers' load-time FP8 dequantization (``Fp8Dequantize``) of ``weight``; it derives the block
+    from the scale grid, so edge blocks are zero-padded to whole blocks first and cropped after."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    rows, cols = weight.shape[-2:]
+    padded = torch.nn.functional.pad(weight.to(torch.float32), (0, -cols % block[1], 0, -rows % block[0]))
+    return Fp8Dequantize(None)._dequantize_one(padded.to(torch.float8_e4m3fn), scale, dtype)[..., :rows, :cols]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.sampled_from([(), (3,)]),
+    rows=st.integers(1, 300),
+    cols=st.integers(1, 300),
+    block=st.sampled_from([(128, 128), (64, 32), (1, 128)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fp8_decodes_as_transformers_with_edge_blocks(lead, rows, cols, block, dtype, seed):
+    codec = BlockFp8(block)
+    weight = torch.randn(*lead, rows, cols, generator=torch.Generator().manual_seed(seed)) * 3
+    stored = codec.encode(weight)
+    assert stored["weight"].dtype == torch.float8_e4m3fn and stored["weight"].shape == weight.shape
+    assert stored["scale"].shape == (*lead, -(-rows // block[0]), -(-cols // block[1]))
+    decoded = codec.decode(stored, dtype)
+    assert decoded.dtype == dtype
+    assert torch.equal(decoded, _fp8_reference(stored["weight"], stored["scale"], block, dtype))
+    # e4m3 keeps 3 mantissa bits: within 1/16 of the value, or one subnormal step (2^-9) of the block scale.
+    scale = stored["scale"].repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+    error = (decoded.float() - weight).abs()
+    assert (error <= weight.abs() / 16 + scale * 2**-9 + weight.abs() * 2**-8).all()
+
+
+def test_fp8_encodes_as_transformers_quantizer():
+    """Whole blocks: the factory's quantization is transformers' own Fp8Quantize, bit for bit."""
+    import types
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    weight = torch.randn(2, 256, 384) * torch.logspace(-3, 2, 384)
+    quantizer = types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=(128, 128)))
+    expected = Fp8Quantize(quantizer)._quantize_one("w.weight", weight)
+    got = BlockFp8().encode(weight)
+    assert torch.equal(got["weight"].view(torch.uint8), expected["w.weight"].view(torch.uint8))
+    assert torch.equal(got["scale"], expected["w.weight_scale_inv"])
+
+
+def test_mxfp4_layout_is_transformers():
+    """Nibble order and scale bias, read back through transformers' FP4 table: the value at input index
+    2j is the low nibble of byte j, 2j+1 the high one, and the group's scale is 2 ** (byte - 127)."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    values = torch.tensor([0.5, -3.0, 6.0, 1.5] + [0.0] * 28)  # one group of 32 inputs, amax 6: exponent 0
+    weight = torch.stack([values, values * 4]).T[None]  # [E=1, in=32, out=2]; output 1 has exponent 2
+    stored = Mxfp4().encode(weight)
+    blocks, scales = stored["blocks"], stored["scales"]
+    assert blocks.shape == (1, 2, 1, 16) and scales.shape == (1, 2, 1)
+    assert scales.flatten().tolist() == [127, 129]
+    lo, hi = blocks[0, 0, 0, 0].item() & 0xF, blocks[0, 0, 0, 0].item() >> 4
+    assert (FP4_VALUES[lo], FP4_VALUES[hi]) == (0.5, -3.0)
+    assert torch.equal(Mxfp4().decode(stored, torch.float32), weight)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    experts=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    out=st.integers(1, 40),
+    log_scale=st.integers(-8, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_mxfp4_rounds_to_the_nearest_value(experts, groups, out, log_scale, seed):
+    codec = Mxfp4()
+    weight = torch.randn(experts, 32 * groups, out, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
+    stored = codec.encode(weight)
+    decoded = codec.decode(stored, torch.float32)
+    assert decoded.shape == weight.shape
+    # The group's scale brings its largest value into (3, 6]; the rounding error is at most half
+    # of e2m1's gap at the value (0.5 below 2, 1 in [2, 4], 2 in [4, 6]).
+    unit = torch.exp2(stored["scales"].to(torch.float32) - 127).repeat_interleave(32, -1).transpose(1, 2)  # [E, in, out]
+    assert (weight.abs().reshape(experts, groups, 32, out).amax(2) / unit[:, ::32] <= 6).all()
+    assert ((decoded - weight).abs() <= torch.maximum(unit / 4, weight.abs() / 4)).all()
+    assert torch.equal(codec.decode(codec.encode(decoded), torch.float32), decoded)  # the values are the grid's
+
+
+@pytest.mark.parametrize("codec, shape", [(BlockFp8(), (5, 256, 136)), (Mxfp4(), (5, 64, 48))])
+def test_a_shard_decodes_alone(codec, shape):
+    """Decoding rows [lo, hi) of the stored tensors gives rows [lo, hi) of the decoded bank: a rank
+    decodes its shard without the rest."""
+    stored = codec.encode(torch.randn(shape))
+    bank = codec.decode(stored, torch.bfloat16)
+    for lo, hi in [(0, 1), (1, 3), (3, 5)]:
+        shard = codec.decode({role: t[lo:hi] for role, t in stored.items()}, torch.bfloat16)
+        assert torch.equal(shard, bank[lo:hi])
+
+
+def _safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_tiny_checkpoint_is_the_published_layout(checkpoints, family, method):
+    path = checkpoints(family, quantization=method, **FP8_SIZES)
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    tensors = _safetensors(path)
+    unconverted = config["modules_to_not_convert"]
+    assert "lm_head" in unconverted and "model.embed_tokens" in unconverted
+    owner_listed = lambda key: any(key.startswith(m + ".") for m in unconverted)  # noqa: E731
+    if method == "fp8":
+        assert config == {**config, "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+        fp8 = {k for k, t in tensors.items() if t.dtype == torch.float8_e4m3fn}
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in fp8  # per-expert keys, as published
+        assert "model.layers.0.self_attn.o_proj.weight" in fp8
+        for key in fp8:
+            assert tensors[key.removesuffix(".weight") + ".weight_scale_inv"].dtype == torch.float32
+            assert not owner_listed(key), key
+        assert tensors["model.layers.0.mlp.gate.weight"].dtype != torch.float8_e4m3fn
+        assert "model.layers.0.mlp.gate" in unconverted and "model.layers.0.input_layernorm" in unconverted
+    else:
+        assert config == {"quant_method": "mxfp4", "modules_to_not_convert": unconverted}
+        packed = {k for k, t in tensors.items() if t.dtype == torch.uint8}
+        assert packed == {f"model.layers.{i}.mlp.experts.{p}_{part}" for i in (0, 1) for p in ("gate_up_proj", "down_proj") for part in ("blocks", "scales")}
+        assert tensors["model.layers.0.mlp.experts.gate_up_proj_bias"].dtype == torch.bfloat16
+        assert "model.layers.0.mlp.router" in unconverted and not owner_listed("model.layers.0.mlp.experts.gate_up_proj_blocks")
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_load_is_transformers_dequantization(checkpoints, family, method):
+    """One rank: every tensor is what transformers' own loader gives for the same checkpoint (it
+    dequantizes at load without a GPU), bit for bit; and the quantized weights are those of the same
+    model saved unquantized, within the format's rounding."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints(family, quantization=method, **FP8_SIZES)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    model, _ = load_sharded(path, None, dtype=torch.float32)
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in state.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, reference[name]), name
+    original = AutoModelForCausalLM.from_pretrained(checkpoints(family, dtype=torch.bfloat16, **FP8_SIZES), dtype=torch.float32).state_dict()
+    changed = [n for n in state if not torch.equal(state[n], original[n])]
+    expert = "model.layers.1.mlp.experts.down_proj"
+    assert expert in changed and ("model.layers.1.self_attn.o_proj.weight" in changed) == (method == "fp8")
+    for name in changed:
+        relative = (state[name] - original[name]).abs().max() / original[name].abs().max()
+        assert relative <= (1 / 16 if method == "fp8" else 1 / 4), (name, relative.item())
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_each_rank_reads_its_rows_and_scales_only(checkpoints, family, method):
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoints(family, quantization=method, num_experts=7, **FP8_SIZES)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    world_size = 3
+    expert_keys = {k for k in checkpoint_index(path) if ".experts." in k}
+    for rank in range(world_size):
+        log: list = []
+        with fake_world(world_size, rank):
+            model, layers = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
+        plan = ExpertShard(7, world_size, rank)
+        for name, tensor in model.state_dict().items():
+            if name.endswith(SHARD_SUFFIX):
+                full = reference[name.removesuffix(SHARD_SUFFIX)]
+                assert torch.equal(tensor[: plan.num_owned], full[plan.start : plan.stop]), name
+                assert not tensor[plan.num_owned :].any(), name
+        read = [(key, rows) for key, rows in log if key in expert_keys]
+        # Scales are read with their weights, for the same experts.
+        assert any(key.endswith(("_scale_inv", "_scales")) for key, _ in read)
+        for key, rows in read:
+            assert rows != "all" and plan.start <= rows[0] and rows[1] <= plan.stop, f"rank {rank} read {key} rows {rows}"
+        assert len(layers) == 2 and all(hasattr(layer.module, "_zp_gather") for layer in layers)
+
+
+def test_stacked_fp8_experts_are_read_by_rows(checkpoints, tmp_path):
+    """FP8 experts stored stacked (``mlp.experts.gate_up_proj`` [E, ...] + ``gate_up_proj_scale_inv``,
+    transformers' naming) and a non-default block size: each rank reads its rows of both and gets its
+    rows of the decoded bank."""
+    from safetensors.torch import save_file
+
+    src = checkpoints("gpt_oss", num_experts=5, dtype=torch.bfloat16)  # gpt_oss saves its experts stacked
+    codec = BlockFp8((32, 16))
+    tensors, banks = _safetensors(src), {}
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        stored = codec.encode(tensors[key])
+        tensors[key], tensors[key + "_scale_inv"] = stored["weight"], stored["scale"]
+        banks[key] = codec.decode(stored, torch.float32)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 16], "activation_scheme": "dynamic"}
+    path = _with_quantization_config(src, tmp_path / "stacked", fp8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for rank in range(3):
+        log: list = []
+        with fake_world(3, rank):
+            model, _ = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
+        plan = ExpertShard(5, 3, rank)
+        state = model.state_dict()
+        for key, bank in banks.items():
+            assert torch.equal(state[key + SHARD_SUFFIX][: plan.num_owned], bank[plan.start : plan.stop]), key
+            assert (key, (plan.start, plan.stop)) in log and (key + "_scale_inv", (plan.start, plan.stop)) in log
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_sharded_logits_match_dequantized_reference(checkpoints, world_size):
+    """Logits (fp32) of ``zp_compile.from_pretrained`` at each world size vs the unmodified model that
+    transformers builds from the dequantized weights: within 1e-4."""
+    cases = [
+        {"path": str(checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES)), "family": family}
+        for family, method in PUBLISHED
+    ]
+    for rank_results in run_ranks(world_size, quantized_logit_error, cases):
+        for r in rank_results:
+            assert r["max_abs_diff"] <= FP32_TOL, r
+            assert r["logit_scale"] > 0.1, r  # not a vacuous match
+            assert r["sharded_layers"] == (2 if world_size > 1 else 0), r
+
+
+def _with_quantization_config(src, dst, quantization_config):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "quantization_config",
+    [
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True},
+        {"quant_method": "compressed-tensors", "format": "float-quantized"},
+    ],
+)
+def test_other_quantization_methods_are_refused_by_name(checkpoints, tmp_path, quantization_config):
+    path = _with_quantization_config(checkpoints("qwen3_moe"), tmp_path / "ckpt", quantization_config)
+    method = quantization_config["quant_method"]
+    with pytest.raises(CheckpointError, match=rf"quantization method '{method}' is not supported; supported: fp8 .* mxfp4"):
+        load_sharded(path, None)
+
+
+def test_fp8_variants_we_do_not_read_are_named(checkpoints, tmp_path):
+    src = checkpoints("qwen3_moe", quantization="fp8", **FP8_SIZES)
+    base = json.loads((src / "config.json").read_text())["quantization_config"]
+    path = _with_quantization_config(src, tmp_path / "static", {**base, "activation_scheme": "static"})
+    with pytest.raises(CheckpointError, match="'activation_scheme': 'static'"):
+        load_sharded(path, None)
+    with pytest.raises(CheckpointError, match="weight_block_size=None"):
+        codec_for({**base, "weight_block_size": None})
+
+    from safetensors.torch import save_file
+
+    path = _with_quantization_config(src, tmp_path / "no-scale", base)
+    tensors = _safetensors(src)
+    del tensors["model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.2\.up_proj\.weight: .*lacks \['model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight_scale_inv'\]"):
+        load_sharded(path, None)
+
+
+def test_factory_refuses_layouts_that_are_not_published(tmp_path):
+    with pytest.raises(ValueError, match="MXFP4 is published for stacked"):
+        tiny("qwen3_moe", tmp_path / "a", quantization="mxfp4")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        tiny("qwen3_moe", tmp_path / "b", quantization="int4")
+
+
+@settings(max_examples=10, deadline=None)
+@given(block=st.tuples(st.integers(1, 256), st.integers(1, 256)))
+def test_codec_for_reads_the_block_size(block):
+    assert codec_for({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block), "activation_scheme": "dynamic"}) == BlockFp8(block)
+    assert codec_for(None) is None and codec_for({"quant_method": "mxfp4"}) == Mxfp4()
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_planner_takes_bytes_per_weight_from_the_checkpoint(checkpoints, capsys, family, method):
+    """``zp-compile plan --model DIR``: the bank, the shards and the gather are at the checkpoint's
+    bytes per weight (scales included), not the hardware profile's."""
+    import dataclasses
+
+    from zp_compile import cli
+    from zp_compile.costmodel.hardware import HARDWARE
+    from zp_compile.costmodel.planning import PlanSettings, gather_s
+    from zp_compile.costmodel.spec import load_model
+    from zp_compile.models.loading import stored_sizes
+
+    path = checkpoints(family, quantization=method, **FP8_SIZES)
+    H, I = FP8_SIZES["hidden"], FP8_SIZES["expert_size"]  # noqa: E741
+    weights = 3 * H * I
+    if method == "fp8":  # gate and up [I, H] with [1, 2] fp32 scales, down [H, I] with [2, 1]
+        expected_experts, expected_linear = (weights + 3 * 2 * 4) / weights, 1.0
+    else:  # blocks: half a byte per weight, scales: one byte per 32; biases [2I] and [H] in bf16
+        expected_experts, expected_linear = (weights * (0.5 + 1 / 32) + (2 * I + H) * 2) / (weights + 2 * I + H), 2.0
+    sizes = stored_sizes(path)
+    assert sizes.method == method and sizes.expert_bytes_per_weight == pytest.approx(expected_experts, rel=1e-12)
+    if method == "fp8":
+        assert 1.0 < sizes.linear_bytes_per_weight < 1.001
+    else:
+        assert sizes.linear_bytes_per_weight == expected_linear
+    assert stored_sizes(checkpoints(family, **FP8_SIZES)) is None
+
+    quantized = load_model(str(path))
+    plain = dataclasses.replace(quantized, quantization="", expert_weight_bytes=0.0, linear_weight_bytes=0.0)
+    hw = dataclasses.replace(HARDWARE["h100-bf16"], hop_latency_s=0.0)
+    s = PlanSettings(gpus=4)
+    assert gather_s(quantized, hw, s) / gather_s(plain, hw, s) == pytest.approx(expected_experts / hw.weight_bytes)
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["plan", "--model", str(path), "--hardware", "h100-fp8", "--gpus", "4"])
+    assert done.value.code == 0
+    assert f"at {expected_experts:.5g} byte(s)/weight ({method} checkpoint, scales included" in capsys.readouterr().out
