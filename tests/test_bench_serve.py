@@ -244,3 +244,17 @@ def test_against_a_live_server(checkpoint, tmp_path, capsys):
     assert all("300 tokens" in o.error for o in refused.outcomes if o.status == 400)
     assert refused.server.requests == {"200": 7, "400": 3} and refused.total_input_tokens == 7 * 30
     assert sum(refused.server.rank_tokens.values()) == 7 * 30
+
+
+def test_custom_dataset_sends_bodies_as_given(tokenizer, tmp_path):
+    """``--dataset-name custom``: one body per line, counted by its token ids or its encoded text; a line
+    that is not a body is an error naming the line."""
+    bodies = [{"prompt": [[5, 6, 7]], "echo": True, "logprobs": 1, "max_tokens": 1}, {"prompt": " hello world", "max_tokens": 1}]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(b) for b in bodies) + "\n\n")
+    got = bench.custom_dataset(tokenizer, path, model="m")
+    assert [b for b, _ in got] == [{**b, "model": "m"} for b in bodies]
+    assert [n for _, n in got] == [3, len(tokenizer.encode(" hello world"))]
+    path.write_text(json.dumps(bodies[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"requests.jsonl:2: a body needs prompt"):
+        bench.custom_dataset(tokenizer, path)

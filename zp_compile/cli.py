@@ -218,14 +218,17 @@ def _add_bench_serve(sub) -> None:
                        description="Send prompts of exact token lengths to a running server (Poisson arrivals) and report "
                        "throughput, latency and the server's /metrics deltas (steps, FLOPs imbalance, tokens per rank).")  # fmt: skip
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
-    p.add_argument("--endpoint", default="/classify", choices=["/classify", "/score", "/v1/completions"])
+    p.add_argument("--endpoint", default="/classify", choices=["/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/v1/completions"],
+                   help="random, shared-prefix and mix build bodies for /classify, /score and /v1/completions; custom's are sent as given")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="sent as 'Authorization: Bearer KEY' (env ZP_API_KEY)")
     p.add_argument("--model", help="model name sent in the bodies (default: the id GET /v1/models gives)")
     p.add_argument("--tokenizer", help="the server's tokenizer directory, to build prompts of exact token lengths "
                    "(default: the built-in default checkpoint's, when the server serves it)")  # fmt: skip
-    p.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix", "mix"],
+    p.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix", "mix", "custom"],
                    help="random: random words; shared-prefix: groups sharing a system prompt (sglang's generated-shared-prefix); "
-                   "mix: the paper-like mix of zp_compile/tools/workloads.py, clipped to the server's max_model_len")  # fmt: skip
+                   "mix: the paper-like mix of zp_compile/tools/workloads.py, clipped to the server's max_model_len; "
+                   "custom: the request bodies of --dataset-path, one JSON object per line")  # fmt: skip
+    p.add_argument("--dataset-path", help="custom: a JSON-lines file of request bodies for --endpoint")
     p.add_argument("--num-prompts", type=int, default=1000, help="random and mix (default %(default)s); shared-prefix sends groups x prompts per group")
     p.add_argument("--random-input-len", type=int, default=1024, help="tokens per prompt, special tokens included (default %(default)s)")
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * (1 - r), len * (1 + r)] (default %(default)s)")
@@ -282,10 +285,16 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     elif args.dataset_name == "shared-prefix":
         requests = bench.shared_prefix_dataset(tokenizer, args.gsp_num_groups, args.gsp_prompts_per_group,
                                                args.gsp_system_prompt_len, args.gsp_question_len, **kw)  # fmt: skip
-    else:
+    elif args.dataset_name == "mix":
         requests = bench.mix_dataset(tokenizer, args.num_prompts, max_model_len, **kw)
+    else:
+        if not args.dataset_path:
+            raise ValueError("--dataset-name custom needs --dataset-path FILE (one JSON request body per line)")
+        requests = bench.custom_dataset(tokenizer, args.dataset_path, model=model)
+    if args.dataset_name != "custom" and args.endpoint not in bench.ENDPOINTS:
+        raise ValueError(f"{args.dataset_name} builds bodies for {', '.join(bench.ENDPOINTS)}, not {args.endpoint}: use --dataset-name custom")
     longest = max((n for _, n in requests), default=0)
-    if longest > max_model_len:
+    if longest > max_model_len and args.dataset_name != "custom":  # custom bodies go as given (a batched body sums its prompts)
         flags = "--random-input-len, --random-range-ratio" if args.dataset_name == "random" else "--gsp-system-prompt-len + --gsp-question-len"
         raise ValueError(f"{args.dataset_name} prompts reach {longest} tokens; the server's max_model_len is {max_model_len}: lower {flags}")
     concurrency = args.max_concurrency or "no limit"

@@ -3,7 +3,8 @@ and ``sglang.bench_serving`` (their flag names, their Poisson arrivals, their re
 
 - datasets (pure functions of a tokenizer and a seed) give ``(endpoint body, prompt tokens)`` pairs:
   ``random_dataset`` (vLLM's ``random``), ``shared_prefix_dataset`` (sglang's ``generated-shared-prefix``)
-  and ``mix_dataset`` (``workloads.paper_mix``'s lengths and shared prefixes, as text);
+  and ``mix_dataset`` (``workloads.paper_mix``'s lengths and shared prefixes, as text); ``custom_dataset``
+  reads bodies from a JSON-lines file (vLLM's ``custom``), such as lm-evaluation-harness's requests;
 - ``run`` sends them (Poisson arrivals, optional concurrency cap) and scrapes ``GET /metrics`` before and
   after, for the server's own figures over the run (steps, FLOPs imbalance, tokens per rank).
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ENDPOINTS = ("/classify", "/score", "/v1/completions")
+ENDPOINTS = ("/classify", "/score", "/v1/completions")  # the built datasets' endpoints (a custom dataset may use any)
 
 Requests = list[tuple[dict, int]]  # (endpoint body, prompt tokens as the server counts them)
 
@@ -146,6 +147,31 @@ def mix_dataset(tokenizer, n: int, max_model_len: int, *, seed: int = 0, endpoin
 
 
 # ---- arrivals -----------------------------------------------------------------------------------
+def custom_dataset(tokenizer, path, *, model: str | None = None) -> Requests:
+    """Request bodies as given, one JSON object per line of ``path`` (vLLM's ``custom`` dataset, here the
+    endpoint's whole body: e.g. lm-evaluation-harness's loglikelihood requests, recorded). A body's prompt
+    tokens are its token ids, or its text encoded by ``tokenizer``; ``model`` replaces the body's."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not a JSON object: {e}") from None
+        inputs = next((body[k] for k in ("prompt", "input", "queries") if k in body), None) if isinstance(body, dict) else None
+        if inputs is None:
+            raise ValueError(f"{path}:{i + 1}: a body needs prompt, input or queries")
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        tokens = sum(len(x) if isinstance(x, list) else len(tokenizer.encode(x)) for x in inputs)
+        out.append(({**body, "model": model} if model is not None else body, tokens))
+    return out
+
+
 def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
     """Send time of each request, seconds after the first (vLLM's ``get_request``): gaps are gamma-distributed
     with mean 1 / rate (burstiness 1: exponential, a Poisson process); rate inf: all at once."""
