@@ -374,3 +374,15 @@ def test_prompt_logprobs_with_prefix_reuse_equal_the_uncached_model(model):
         if budget:
             prompt_blocks = len({h for s in second[:2] for h in block_hashes(s.ids, b"prompt-logprobs")} | set(block_hashes(a, b"prompt-logprobs")))
             assert kv.table_bytes == 164 * BLOCK * prompt_blocks - 164  # block 0 keeps positions 1..15
+
+
+def test_prompt_logprobs_of_padded_batches(model):
+    """Models that run left-padded batches (no packed kernel) read prompt logprobs from every position's
+    logits: the same values as each prompt alone, whatever the padding its batch gave it."""
+    rows = [prompt(6, 37), prompt(7, 5), prompt(8, 1)]
+    outs = run_step(model, [Seq(r, Wants(top=1, prompt=3)) for r in rows] + [seq(rows[0], top=1)], CPU)
+    for out, ids in zip(outs, rows):
+        lp = every_position(model, ids)
+        assert out.prompt_logprobs == pytest.approx(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)].tolist(), abs=TOL)
+        assert [[t for t, _ in row] for row in out.prompt_top] == lp[:-1].topk(3, -1).indices.tolist()
+    assert outs[3].prompt_logprobs == [] and outs[3].next == outs[0].next
