@@ -36,10 +36,26 @@ def insert_fn_trace_before_node(graph, fn, example_inputs, node, args, erase_aft
     return f(graph, fn, example_inputs, node, args, erase_after)
 
 
+_CONTROL_DEPS = "torch._inductor.fx_passes.control_dependencies"
+
+
 def preserve_node_ordering(graph, deps) -> None:
     """Inductor's ``control_dependencies.preserve_node_ordering``: control edges its scheduler keeps
     (pinning where each gather is issued)."""
-    _private("torch._inductor.fx_passes.control_dependencies", "preserve_node_ordering", "pinning the gather order")(graph, deps)
+    _private(_CONTROL_DEPS, "preserve_node_ordering", "pinning the gather order")(graph, deps)
+    _eager_control_deps()
+
+
+def _eager_control_deps() -> None:
+    """Run the ``control_deps`` nodes of a graph that is executed, not lowered by Inductor (the
+    ``aot_eager`` backend): torch 2.13 registers the eager kernel (the subgraph, called), torch 2.11
+    only the fake one, so there such a graph raises "could not find kernel for control_deps"."""
+    from torch._C import DispatchKey
+
+    hop = _private(_CONTROL_DEPS, "control_deps", "pinning the gather order")
+    for key in (DispatchKey.CompositeExplicitAutograd, DispatchKey.Autograd):
+        if key not in hop.py_kernels:
+            hop.py_impl(key)(lambda additional_deps, subgraph, *args, **kwargs: subgraph(*args, **kwargs))
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int:
