@@ -32,7 +32,7 @@ from ..threshold import MeasuredThreshold
 from .errors import ApiError
 from .inputs import InputChecks
 from .metrics import Metrics
-from .ranks import RankFailure, Ranks, format_phases
+from .ranks import RankFailure, Ranks, RankTimeout, format_phases
 from .routing import StepInfo, ThresholdScheduler
 from .scheduler import FifoScheduler, Scheduler, Sequence
 from .settings import ServeSettings, router_settings
@@ -95,18 +95,26 @@ class ServerState:
         self._detail = text
 
     async def start_ranks(self) -> None:
-        """Start a generation of ranks; then serve what queued meanwhile, or exit 1 if they cannot start."""
+        """Start a generation of ranks; then serve what queued meanwhile. Ranks that fail to start exit
+        the server (status 1), except during a restart where one died or hung (not a timeout: a compile
+        that slow would be as slow again), which starts the next generation, ``MAX_BARREN_RESTARTS`` at most."""
         loop = asyncio.get_running_loop()
-        try:
-            info = await loop.run_in_executor(self.executor, self.ranks.start)
-        except RankFailure as e:
-            log.error("zp-compile: the ranks failed to start: %s", e)
-            self.queueing = False
-            self._answer(self.scheduler.drain(), f"the ranks failed to restart: {e}")
-            await loop.run_in_executor(self.executor, self.ranks.kill)
-            self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
-            self.request_exit(1)
-            return
+        while True:
+            try:
+                info = await loop.run_in_executor(self.executor, self.ranks.start)
+                break
+            except RankFailure as e:
+                await loop.run_in_executor(self.executor, self.ranks.kill)
+                self._barren += 1
+                again = self.status == "restarting" and not (isinstance(e, RankTimeout) or self.draining or self._barren > MAX_BARREN_RESTARTS)
+                log.error("zp-compile: the ranks failed to start: %s%s", e, "; starting them again" if again else "")
+                if again:
+                    continue
+                self.queueing = False
+                self._answer(self.scheduler.drain(), f"the ranks failed to restart: {e}")
+                self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
+                self.request_exit(1)
+                return
         self.threshold = info[0].threshold
         # A fresh scheduler for every generation: the ranks' caches start empty, and so do its views
         # (prefix.py); it takes over what queued during a restart, the failed steps' sequences first.

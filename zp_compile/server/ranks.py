@@ -6,7 +6,8 @@ Blocking by design: the server calls these from one executor thread, so the asyn
 Failure detection, so that no step waits forever:
 - a rank sends ``Failed`` before it exits on an exception;
 - the local torchrun process exits (it kills all ranks when one dies);
-- a rank's heartbeat counter stops moving for ``heartbeat_timeout`` seconds (killed or stopped process);
+- a rank's heartbeat counter stops moving for ``heartbeat_timeout`` seconds (killed or stopped process),
+  while starting too once the rank has begun to beat;
 - a step takes longer than ``step_timeout`` (a rank stuck in a collective keeps beating).
 """
 
@@ -37,6 +38,10 @@ _CHECK_S = 0.25  # liveness checks (torchrun, heartbeats, timeout) while waiting
 
 class RankFailure(RuntimeError):
     """A rank died, hung or raised; the step's work is lost and the ranks must be restarted."""
+
+
+class RankTimeout(RankFailure):
+    """A start or a step ran past its timeout (a slow compile: starting again would take as long)."""
 
 
 class Ranks:
@@ -174,18 +179,21 @@ class Ranks:
             raise RankFailure(f"shutting down during {what}")
         if self.proc is not None and self.proc.poll() is not None:
             raise RankFailure(f"the ranks exited (torchrun status {self.proc.returncode}) during {what}")
-        if beats:
-            self._check_beats(what)
-        else:  # starting
+        # Starting, a rank is checked from its first beat on (its heartbeat starts once its process group is
+        # up): one stopped while it loads or compiles fails the start now, not at the start timeout.
+        self._check_beats(what, begun_only=not beats)
+        if not beats:
             self._show_progress()
         if time.monotonic() > deadline:
             limit = self.settings.step_timeout if beats else self.settings.start_timeout
-            raise RankFailure(f"{what} did not finish within {limit:g} s")
+            raise RankTimeout(f"{what} did not finish within {limit:g} s")
 
-    def _check_beats(self, what: str) -> None:
+    def _check_beats(self, what: str, begun_only: bool = False) -> None:
         now = time.monotonic()
         for r in range(self.ranks):
             count = self.store.add(self.keys.beat(r), 0)
+            if begun_only and count == 0:
+                continue
             last = self._beats.get(r)
             if last is None or count != last[0]:
                 self._beats[r] = (count, now)
