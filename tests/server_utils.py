@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -100,3 +101,30 @@ class Server:
         from zp_compile.tools.bench_serve import metric_sum, parse_metrics
 
         return metric_sum(parse_metrics(self.client.get("/metrics").text), name, **labels)
+
+
+def flood(srv: Server, bodies: list[tuple[str, dict]], concurrency: int, timeout: float = 120) -> list[httpx.Response | Exception]:
+    """POST every ``(route, body)`` with ``concurrency`` clients at once; each one's response or client error, in order."""
+
+    async def run():
+        limit = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+            async def one(route, body):
+                async with limit:
+                    try:
+                        return await client.post(route, json=body)
+                    except httpx.HTTPError as e:
+                        return e
+
+            return await asyncio.gather(*(one(route, body) for route, body in bodies))
+
+    return asyncio.run(run())
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(0.01)

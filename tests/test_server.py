@@ -14,7 +14,8 @@ import httpx
 import pytest
 import torch
 
-from server_utils import Server
+from server_utils import Server, wait_for
+from server_utils import flood as _flood
 from zp_compile import cli
 from zp_compile.server import protocol as p
 
@@ -340,23 +341,6 @@ def test_fuzz_every_endpoint_from_the_openapi_schema(server):
     assert server.client.get("/health").status_code == 200
 
 
-def _flood(srv: Server, bodies: list[tuple[str, dict]], concurrency: int, timeout: float = 120) -> list[httpx.Response | Exception]:
-    async def run():
-        limit = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
-
-            async def one(route, body):
-                async with limit:
-                    try:
-                        return await client.post(route, json=body)
-                    except httpx.HTTPError as e:
-                        return e
-
-            return await asyncio.gather(*(one(route, body) for route, body in bodies))
-
-    return asyncio.run(run())
-
-
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """Wider than ``checkpoint``: steps take long enough for a queue to build up on 2 cores."""
@@ -447,14 +431,6 @@ def test_serve_refuses_bad_settings_before_starting_ranks(tmp_path):
         assert message in str(e.value), e.value
 
 
-def wait_for(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def _answered(responses) -> list[int]:
     """Every request got an HTTP answer (no client-side timeout or connection error)."""
     errors = [r for r in responses if isinstance(r, Exception)]
@@ -466,7 +442,7 @@ def _load_under_way(srv: Server, bodies) -> tuple[threading.Thread, dict]:
     """16 clients sending ``bodies`` from a thread (responses in ``out["r"]`` once it ends); returns once
     the server has run 3 steps of it."""
     out = {}
-    load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=60)))
+    load = threading.Thread(target=lambda: out.update(r=_flood(srv, bodies, 16, timeout=120)))
     load.start()
     steps = srv.metric("zp_steps_total")
     wait_for(lambda: srv.metric("zp_steps_total") >= steps + 3, "the load to get going")
@@ -483,10 +459,10 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
             old = srv.ranks()
             victim = old[1]
             victim.send_signal(fault)
-            load.join(90)
-            assert not load.is_alive(), "requests still waiting 90 s after a rank failed"
+            load.join(150)
+            assert not load.is_alive(), "requests still waiting 150 s after a rank failed"
             codes = _answered(out["r"])
-            assert set(codes) <= {200, 503} and 503 in codes, codes
+            assert set(codes) <= {200, 503} and 200 in codes, codes  # the failed step's requests run again (tests/test_recovery.py)
             for r in out["r"]:
                 if r.status_code == 503:
                     assert "worker rank failed" in r.json()["error"]["message"] or "not ready" in r.json()["error"]["message"]
@@ -498,7 +474,7 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
             assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
             if fault == signal.SIGSTOP:  # the peer, stuck in a collective, wrote its stack before it was killed
                 assert "most recent call first" in srv.output() and "gather" in srv.output(), srv.output()[-3000:]
-        assert srv.metric("zp_worker_failures_total") == 2
+        assert srv.metric("zp_worker_failures_total") == 2 and srv.metric("zp_sequences_retried_total") > 0
         # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
         load, out = _load_under_way(srv, bodies)
         workers = srv.ranks()

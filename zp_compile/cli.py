@@ -163,7 +163,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
                    help="a rank whose heartbeat stands still this long has failed (default %(default)s s)")  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=d.start_timeout, help="seconds for the ranks to load and compile (default %(default)s)")
-    p.add_argument("--on-worker-failure", choices=ON_WORKER_FAILURE, default=d.on_worker_failure)
+    p.add_argument("--on-worker-failure", choices=ON_WORKER_FAILURE, default=d.on_worker_failure,
+                   help="restart: the failed steps' requests run again on new ranks, requests keep queueing meanwhile; "
+                   "exit: answer everything 503 and exit 1 (default %(default)s)")  # fmt: skip
+    p.add_argument("--restart-wait", type=float, default=d.restart_wait,
+                   help="seconds requests queue while the ranks restart; past it, what is queued gets 503 (default %(default)s)")  # fmt: skip
     p.add_argument("--policy", default=d.policy, choices=SCHEDULING,
                    help="fifo: first come, first served, a step as soon as work waits; the others route each sequence to a "
                    "rank and fill every step to the saturation threshold T (default %(default)s)")  # fmt: skip

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .. import contract
 from ..contract import Failed, Keys, RankSettings, Ready, StepDone, Stop
 from ..devices import process_group_backend, resolve_device
+from ..startup import PhaseClock, phase_key
 from .step import run_step
 from .warmup import prepare
 
@@ -111,14 +112,18 @@ def serve(address: str) -> None:
         threading.Thread(target=_heartbeat, args=(address, keys.beat(rank)), daemon=True).start()
         transport = resolve_transport(settings.transport, device, world, local)
         settings = msgspec.structs.replace(settings, transport=transport)
-        model = load(settings, device)
+        clock = PhaseClock(lambda record: store.set(phase_key(keys, rank), record))  # the front end shows them
+        with clock.phase("load"):
+            model = load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]
-        kv = prepare(model, device, vocab, settings.cache_tokens, settings.max_tokens)
+        with clock.warm_up():  # and the compile, which torch.compile runs at the warm-up's first calls
+            kv = prepare(model, device, vocab, settings.cache_tokens, settings.max_tokens)
         threshold = None
         if settings.measure_threshold:  # collective: every rank measures, all get the same T
             from ..threshold import measure_threshold
 
-            threshold = measure_threshold(model)
+            with clock.phase("threshold"):
+                threshold = measure_threshold(model)
         sock.send(contract.encode(Ready(rank, vocab, model.zero_prefill.expert_bytes, str(device), transport, kv is not None, threshold)))
         while True:
             msg = contract.decode_to_rank(sock.recv())  # blocks until the front end sends: no polling
@@ -148,4 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.enable()
     # And on SIGUSR1 (sent before the front end kills a hung rank): every thread's stack, then run on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    serve(parser.parse_args(argv).frontend)
+    # The model's Python floats (norm eps, exponents) traced as constants from the start: traced as
+    # symbols (dynamic=True's default), each was specialised when the graph was lowered and Dynamo restarted
+    # the frame's analysis, ~3-5 s more per start on the 2-core machine even with a warm compile cache.
+    with torch._dynamo.config.patch(specialize_float=True):
+        serve(parser.parse_args(argv).frontend)

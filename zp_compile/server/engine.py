@@ -5,9 +5,13 @@ takes one batch per rank from the scheduler, sends and receives steps on a dedic
 (``Ranks.send`` and ``Ranks.receive`` block), and resolves the futures. Nothing a rank does can block the loop, so ``/health`` answers
 while a step runs.
 
-Every request gets exactly one answer: its result, or an error with a status. A rank failure answers
-everything in flight and queued with 503; a drain (SIGTERM) lets queued work finish and refuses new work
-with 503; a disconnected client's queued sequences are dropped; ``request_timeout`` bounds every wait.
+Every request gets exactly one answer: its result, or an error with a status. A rank failure costs no
+accepted work: the failed steps' sequences go back to the front of the queue and run on the restarted
+ranks (once: a sequence whose step fails twice is answered 503), and requests keep queueing while the
+ranks restart (429 past ``max_waiting``), for at most ``restart_wait``, after which what is queued is
+answered 503 (as everything is with ``on_worker_failure="exit"``). A drain (SIGTERM) lets queued work
+finish and refuses new work with 503; a disconnected client's queued sequences are dropped;
+``request_timeout`` bounds every wait.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..threshold import MeasuredThreshold
 from .errors import ApiError
 from .inputs import InputChecks
 from .metrics import Metrics
-from .ranks import RankFailure, Ranks
+from .ranks import RankFailure, Ranks, RankTimeout, format_phases
 from .routing import StepInfo, ThresholdScheduler
 from .scheduler import FifoScheduler, Scheduler, Sequence
 from .settings import ServeSettings, router_settings
@@ -36,6 +40,10 @@ from .settings import ServeSettings, router_settings
 log = logging.getLogger("zp_compile.server")
 
 PIPELINE_DEPTH = 2  # steps in flight: one running on the ranks, the next waiting in their sockets
+MAX_RETRIES = 1  # times a sequence whose step failed runs again on restarted ranks; then it is answered 503
+# Restarts in a row whose ranks failed before answering one step (a step that always times out, a rank that
+# dies on every start) beyond which the server exits instead of restarting again.
+MAX_BARREN_RESTARTS = 2
 
 
 @dataclass
@@ -59,8 +67,12 @@ class ServerState:
         self.scheduler: Scheduler = FifoScheduler(n, settings.max_tokens_per_rank, settings.max_seqs_per_rank)
         self.threshold: MeasuredThreshold | None = None  # what the ranks measured at start-up
         self.metrics = Metrics(n)
-        self.status = "starting"  # -> ready -> (unhealthy -> ready | exiting) ; draining
+        self.status = "starting"  # -> ready -> (restarting -> ready | unhealthy, exiting) ; draining
         self.detail = "loading and compiling the model on every rank"
+        self.queueing = False  # requests queue while not ready: the ranks are restarting, within restart_wait
+        self.startup: dict[str, float] = {}  # the last start's seconds per phase (ranks.startup_phases)
+        self._restarts = 0  # restarts begun
+        self._barren = 0  # failed generations in a row that answered no step
         self.draining = False
         self.exit_code = 0
         self.exit_requested = False  # the uvicorn server polls it (serve.DrainingServer.on_tick)
@@ -71,19 +83,48 @@ class ServerState:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="zp-ranks")  # the one thread that talks to ranks
 
     # ---- life cycle -------------------------------------------------------------------------------
+    @property
+    def detail(self) -> str:
+        """What ``/health`` says besides the status; while the ranks start, what they are doing."""
+        if self.status in ("starting", "restarting") and self.ranks.progress:
+            return f"{self._detail} ({self.ranks.progress})"
+        return self._detail
+
+    @detail.setter
+    def detail(self, text: str) -> None:
+        self._detail = text
+
     async def start_ranks(self) -> None:
+        """Start a generation of ranks; then serve what queued meanwhile. Ranks that fail to start exit
+        the server (status 1), except during a restart where one died or hung (not a timeout: a compile
+        that slow would be as slow again), which starts the next generation, ``MAX_BARREN_RESTARTS`` at most."""
         loop = asyncio.get_running_loop()
-        try:
-            info = await loop.run_in_executor(self.executor, self.ranks.start)
-        except RankFailure as e:
-            log.error("zp-compile: the ranks failed to start: %s", e)
-            await loop.run_in_executor(self.executor, self.ranks.kill)
-            self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
-            self.request_exit(1)
-            return
+        while True:
+            try:
+                info = await loop.run_in_executor(self.executor, self.ranks.start)
+                break
+            except RankFailure as e:
+                await loop.run_in_executor(self.executor, self.ranks.kill)
+                self._barren += 1
+                again = self.status == "restarting" and not (isinstance(e, RankTimeout) or self.draining or self._barren > MAX_BARREN_RESTARTS)
+                log.error("zp-compile: the ranks failed to start: %s%s", e, "; starting them again" if again else "")
+                if again:
+                    continue
+                self.queueing = False
+                self._answer(self.scheduler.drain(), f"the ranks failed to restart: {e}")
+                self.status, self.detail = "unhealthy", f"ranks failed to start: {e}"
+                self.request_exit(1)
+                return
         self.threshold = info[0].threshold
-        self.scheduler = self.new_scheduler(info[0].packed)  # a fresh one after a restart: the ranks' caches are gone
-        self.status, self.detail = "ready", f"{len(info)} ranks ready"
+        # A fresh scheduler for every generation: the ranks' caches start empty, and so do its views
+        # (prefix.py); it takes over what queued during a restart, the failed steps' sequences first.
+        scheduler = self.new_scheduler(info[0].packed)
+        scheduler.add(self.scheduler.drain())
+        self.scheduler = scheduler
+        self.startup = self.ranks.startup
+        self.metrics.record_startup(self.startup)
+        self.status, self.detail, self.queueing = "ready", f"{len(info)} ranks ready in {format_phases(self.startup)}", False
+        self.metrics.set_queue(self.running(), self.scheduler.waiting())
         log.info("zp-compile: %d ranks ready (generation %d, %s transport); serving %s", len(info), self.ranks.generation,
                  info[0].transport, self.settings.model_name)  # fmt: skip
 
@@ -166,27 +207,62 @@ class ServerState:
         return sum(len(b) for step in self.steps_in_flight for b in step.batches)
 
     async def fail(self, error: RankFailure) -> None:
-        """A rank failed: answer everything in flight and queued with 503, then restart or exit."""
+        """A rank failed. Restarting: the failed steps' sequences (those still awaited) go back to the front
+        of the queue unless they already ran once on failed ranks, requests keep queueing, and the ranks
+        restart. Otherwise (``on_worker_failure="exit"``, draining, or too many barren restarts) everything
+        in flight and queued is answered 503 and the server exits 1."""
         log.error("zp-compile: worker failure: %s", error)
-        self.status, self.detail = "unhealthy", f"worker failure: {error}"
-        lost = [s for step in self.steps_in_flight for b in step.batches for s in b] + self.scheduler.drain()
-        self.steps_in_flight.clear()
-        for s in lost:
-            if not s.future.done():
-                s.future.set_exception(ApiError(503, f"a worker rank failed: {error}", "service_unavailable"))
         self.metrics.worker_failures.inc()
-        self.metrics.set_queue(0, 0)
+        failed = [s for step in self.steps_in_flight for b in step.batches for s in b if not s.future.done()]
+        self.steps_in_flight.clear()
+        self._barren = 0 if self.ranks.received else self._barren + 1
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.ranks.kill)
-        if self.settings.on_worker_failure == "restart" and not self.draining:
-            self.status, self.detail = "starting", f"restarting the ranks after: {error}"
-            await self.start_ranks()
-            self.work.set()
-        else:
+        if self.settings.on_worker_failure != "restart" or self.draining or self._barren > MAX_BARREN_RESTARTS:
+            why = "" if self._barren <= MAX_BARREN_RESTARTS else f" ({self._barren} generations in a row failed before answering a step)"
+            self.status, self.detail = "unhealthy", f"worker failure: {error}{why}"
+            self._answer(failed + self.scheduler.drain(), f"a worker rank failed: {error}")
+            await loop.run_in_executor(self.executor, self.ranks.kill)
             self.request_exit(1)
+            return
+        again = [s for s in failed if s.retries < MAX_RETRIES]
+        self._answer([s for s in failed if s.retries >= MAX_RETRIES], f"a worker rank failed while running it, a second time: {error}")
+        for s in again:
+            s.retries += 1
+        self.metrics.retried.inc(len(again))
+        self.scheduler.add(again + self.scheduler.drain())  # ahead of what waits; drain empties the prefix views
+        self.status, self.detail, self.queueing = "restarting", f"restarting the ranks after: {error}", True
+        self.metrics.set_queue(0, self.scheduler.waiting())
+        self._restarts += 1
+        loop.call_later(self.settings.restart_wait, self._restart_overdue, self._restarts)
+        began = time.monotonic()
+        await loop.run_in_executor(self.executor, self.ranks.kill)
+        await self.start_ranks()
+        if self.status == "ready":
+            self.metrics.restart_seconds.observe(time.monotonic() - began)
+            log.info("zp-compile: restarted in %.1f s; %d sequences queued, %d of them from the failed steps", time.monotonic() - began,
+                     self.scheduler.waiting(), len(again))  # fmt: skip
+        self.work.set()
+
+    def _restart_overdue(self, restart: int) -> None:
+        """``restart_wait`` after restart number ``restart`` began: if the ranks are still not back, answer
+        what is queued with 503 and refuse new work until they are."""
+        if self.status != "restarting" or restart != self._restarts:
+            return
+        message = f"the ranks did not restart within --restart-wait {self.settings.restart_wait:g} s"
+        log.error("zp-compile: %s: answering %d queued sequences with 503", message, self.scheduler.waiting())
+        self.queueing = False
+        self._answer(self.scheduler.drain(), message)
+
+    def _answer(self, seqs: list[Sequence], message: str) -> None:
+        """503 to each of ``seqs`` still awaited."""
+        for s in seqs:
+            if not s.future.done():
+                s.future.set_exception(ApiError(503, message, "service_unavailable"))
+        self.metrics.set_queue(self.running(), self.scheduler.waiting())
 
     async def shutdown(self) -> None:
         loop = asyncio.get_running_loop()
+        self.ranks.abort()  # a start (or step) still waited on by the ranks' thread gives up, so the kill below runs
         if self.status == "ready":
             await loop.run_in_executor(self.executor, self.ranks.stop)
         else:
@@ -206,7 +282,7 @@ class ServerState:
     async def submit(self, request: Request, seqs: list[Sequence]) -> list[Readout]:
         if self.draining:
             raise ApiError(503, "the server is shutting down", "service_unavailable")
-        if self.status != "ready":
+        if self.status != "ready" and not self.queueing:
             raise ApiError(503, f"the server is not ready: {self.detail}", "service_unavailable")
         if self.scheduler.waiting() + len(seqs) > self.settings.max_waiting:
             raise ApiError(429, f"the queue is full ({self.settings.max_waiting} sequences waiting); retry later", "rate_limit_error")

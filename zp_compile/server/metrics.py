@@ -31,6 +31,11 @@ class Metrics:
         self.prefix_hits = Counter("zp_prefix_hit_tokens", "prompt tokens served from the ranks' prefix caches", registry=r)
         self.dropped = Counter("zp_sequences_dropped", "queued sequences dropped unrun (client gone or timed out)", registry=r)
         self.worker_failures = Counter("zp_worker_failures", "times the ranks failed (died, hung or raised)", registry=r)
+        self.retried = Counter("zp_sequences_retried", "sequences of a failed step queued again for the restarted ranks", registry=r)
+        self.restart_seconds = Histogram("zp_restart_seconds", "a failure to the restarted ranks' Ready (ranks that restarted)",
+                                         buckets=_LATENCY, registry=r)  # fmt: skip
+        self.startup = Gauge("zp_startup_phase_seconds", "the ranks' last start, by phase (launch, load, compile, warm-up, "
+                             "threshold, total)", ["phase"], registry=r)  # fmt: skip
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.set(running)
@@ -47,6 +52,10 @@ class Metrics:
             self.step_flops.labels(rank).set(f)
             self.rank_tokens.labels(rank).inc(t)
             self.rank_flops.labels(rank).inc(f)
+
+    def record_startup(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.startup.labels(phase).set(seconds)
 
     def record_admission(self, below_threshold: bool, cached_tokens: int) -> None:
         self.below_threshold.inc(int(below_threshold))

@@ -6,16 +6,19 @@ Blocking by design: the server calls these from one executor thread, so the asyn
 Failure detection, so that no step waits forever:
 - a rank sends ``Failed`` before it exits on an exception;
 - the local torchrun process exits (it kills all ranks when one dies);
-- a rank's heartbeat counter stops moving for ``heartbeat_timeout`` seconds (killed or stopped process);
+- a rank's heartbeat counter stops moving for ``heartbeat_timeout`` seconds (killed or stopped process),
+  while starting too once the rank has begun to beat;
 - a step takes longer than ``step_timeout`` (a rank stuck in a collective keeps beating).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -24,7 +27,10 @@ import zmq
 
 from .. import contract
 from ..contract import Failed, Keys, Ready, Readout, Seq, Step, StepDone, Stop
+from ..startup import PHASES, phase_key, read_record
 from .settings import ServeSettings, rank_settings
+
+log = logging.getLogger("zp_compile.server")
 
 _DUMP_S = 0.5  # how long a rank gets to write its stacks before it is killed
 _CHECK_S = 0.25  # liveness checks (torchrun, heartbeats, timeout) while waiting on the ranks
@@ -32,6 +38,10 @@ _CHECK_S = 0.25  # liveness checks (torchrun, heartbeats, timeout) while waiting
 
 class RankFailure(RuntimeError):
     """A rank died, hung or raised; the step's work is lost and the ranks must be restarted."""
+
+
+class RankTimeout(RankFailure):
+    """A start or a step ran past its timeout (a slow compile: starting again would take as long)."""
 
 
 class Ranks:
@@ -56,6 +66,10 @@ class Ranks:
         self.proc: subprocess.Popen | None = None
         self.info: list[Ready] = []
         self._beats: dict[int, tuple[int, float]] = {}
+        self.startup: dict[str, float] = {}  # the last start's seconds per phase (``startup_phases``)
+        self.progress = ""  # while starting: what the ranks are doing, for /health
+        self._started = 0.0
+        self._aborted = threading.Event()
 
     def _bind(self, where: str, port: int) -> int:
         self.sock.bind(f"{where}:{port}")
@@ -79,6 +93,7 @@ class Ranks:
         self.generation += 1
         self.sent = self.received = 0
         self._early, self._beats = {}, {}
+        self._started, self.progress = time.monotonic(), "launching"
         self.store.set(self.keys.settings, contract.encode_settings(rank_settings(self.settings, self.data_address)))
         self.store.set(contract.GENERATION_KEY, str(self.generation))  # after settings: a joining rank reads both
         if not self.settings.external_ranks:
@@ -86,7 +101,29 @@ class Ranks:
             self.proc = subprocess.Popen(self.worker_command(), start_new_session=True)
         ready = self._collect(Ready, time.monotonic() + self.settings.start_timeout, "start", beats=False)
         self.info = [ready[r] for r in range(self.ranks)]
+        records = self._records()
+        self.startup = startup_phases(time.monotonic() - self._started, [records.get(r, {}) for r in range(self.ranks)])
+        self.progress = ""
+        log.info("zp-compile: ranks started in %s; compile caches (rank 0): %s", format_phases(self.startup),
+                 ", ".join(f"{k} {v}" for k, v in records.get(0, {}).get("cache", {}).items()) or "none")  # fmt: skip
         return self.info
+
+    def _records(self) -> dict[int, dict]:
+        """Each rank's start-up record so far (``startup.PhaseClock``), by rank."""
+        keys = {r: phase_key(self.keys, r) for r in range(self.ranks)}
+        return {r: read_record(self.store.get(k)) for r, k in keys.items() if self.store.check([k])}
+
+    def _show_progress(self) -> None:
+        """``progress``: the phase of the rank furthest behind, and for how long the ranks have been starting."""
+        records = self._records()
+        behind = min(range(self.ranks), key=lambda r: len(records.get(r, {}).get("seconds", {})))
+        record = records.get(behind)
+        doing = "launching" if record is None else record["phase"] or "reporting ready"
+        self.progress = f"rank {behind} {doing}, {time.monotonic() - self._started:.0f} s since launch"
+
+    def abort(self) -> None:
+        """Make a wait on the ranks (a start, a step) give up at its next liveness check: shutting down."""
+        self._aborted.set()
 
     def send(self, batches: list[list[Seq]]) -> int:
         """Hand out one lockstep step: rank r scores ``batches[r]`` (possibly empty). Returns the step's
@@ -138,18 +175,25 @@ class Ranks:
         return got
 
     def _check_alive(self, deadline: float, what: str, beats: bool = True) -> None:
+        if self._aborted.is_set():
+            raise RankFailure(f"shutting down during {what}")
         if self.proc is not None and self.proc.poll() is not None:
             raise RankFailure(f"the ranks exited (torchrun status {self.proc.returncode}) during {what}")
-        if beats:
-            self._check_beats(what)
+        # Starting, a rank is checked from its first beat on (its heartbeat starts once its process group is
+        # up): one stopped while it loads or compiles fails the start now, not at the start timeout.
+        self._check_beats(what, begun_only=not beats)
+        if not beats:
+            self._show_progress()
         if time.monotonic() > deadline:
             limit = self.settings.step_timeout if beats else self.settings.start_timeout
-            raise RankFailure(f"{what} did not finish within {limit:g} s")
+            raise RankTimeout(f"{what} did not finish within {limit:g} s")
 
-    def _check_beats(self, what: str) -> None:
+    def _check_beats(self, what: str, begun_only: bool = False) -> None:
         now = time.monotonic()
         for r in range(self.ranks):
             count = self.store.add(self.keys.beat(r), 0)
+            if begun_only and count == 0:
+                continue
             last = self._beats.get(r)
             if last is None or count != last[0]:
                 self._beats[r] = (count, now)
@@ -194,3 +238,18 @@ class Ranks:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc.wait()
+
+
+def startup_phases(total: float, records: list[dict]) -> dict[str, float]:
+    """Seconds per start-up phase: ``launch`` (torchrun, imports, the process group: the total less the
+    slowest rank's own phases), then each of ``startup.PHASES`` as the slowest rank took it, and ``total``
+    (the front end's wait, launch to the last ``Ready``)."""
+    phases = {p: max((r.get("seconds", {}).get(p, 0.0) for r in records), default=0.0) for p in PHASES}
+    own = max((sum(r.get("seconds", {}).values()) for r in records), default=0.0)
+    return {"launch": max(0.0, total - own), **phases, "total": total}
+
+
+def format_phases(phases: dict[str, float]) -> str:
+    """``12.3 s (launch 2.0 s, load 1.1 s, ...)``: phases that took no time left out."""
+    parts = ", ".join(f"{p} {s:.1f} s" for p, s in phases.items() if p != "total" and s >= 0.05)
+    return f"{phases['total']:.1f} s ({parts})"

@@ -35,6 +35,7 @@ class Sequence:
     rank: int | None = None
     cached_tokens: int = 0
     block_hashes: list[bytes] | None = field(default=None, repr=False)
+    retries: int = 0  # times it was put back in the queue because its step failed (the server allows one)
 
     def message(self) -> Seq:
         """What its rank receives. Routed by the front end's cache view, it carries the count of reused

@@ -39,6 +39,7 @@ class ServeSettings:
     step_timeout: float = 120.0
     heartbeat_timeout: float = 5.0
     on_worker_failure: str = "restart"
+    restart_wait: float = 60.0  # how long requests queue while the ranks restart; then what is queued gets 503
     # Steps
     max_model_len: int | None = None  # default: the config's max_position_embeddings
     max_tokens_per_rank: int = 8192  # tokens one rank's forward processes per step (packed: its computed tokens)
@@ -73,7 +74,7 @@ class ServeSettings:
                              "start; let the process manager that runs the server and torchrun restart both")  # fmt: skip
         if self.cache_tokens < 0:
             raise ValueError(f"--cache-tokens must be >= 0, got {self.cache_tokens}")
-        for name in ("request_timeout", "step_timeout", "start_timeout", "heartbeat_timeout"):
+        for name in ("request_timeout", "step_timeout", "start_timeout", "heartbeat_timeout", "restart_wait"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_items > self.max_waiting:
