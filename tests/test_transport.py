@@ -51,8 +51,8 @@ def _ours_in(directory: str) -> list[str]:
 def roundtrip(rank: int, world_size: int) -> dict:
     shards = _own_shards(rank, world_size)
     exchange = ShmExpertExchange.create(None, shards)
-    segment_file = SHM_PREFIX + exchange.exchange_id
-    out: dict = {"file_after_setup": segment_file in os.listdir(SHM_DIR), "keys": {}}
+    segment_file = exchange.segment_file
+    out: dict = {"file_after_setup": segment_file in os.listdir(SHM_DIR), "keys": {}, "id": exchange.exchange_id, "file": segment_file}
     for key, shard in shards.items():
         num_experts = CASES[key][0]
         full = _full(key)
@@ -190,7 +190,11 @@ def test_layout_is_page_aligned_and_disjoint():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_gather_rebuilds_every_bank(world_size, shm_unchanged):
-    for rank, result in enumerate(run_ranks(world_size, roundtrip)):
+    results = run_ranks(world_size, roundtrip)
+    # The id compiled graphs carry: one per exchange, the same on every rank and at every start (fresh
+    # processes: the first exchange), never the segment file's random name (the compile caches key on it).
+    assert {r["id"] for r in results} == {f"x0-w{world_size}"} and all(r["id"] not in r["file"] for r in results)
+    for rank, result in enumerate(results):
         assert not result["file_after_setup"], f"rank {rank}: segment file still in {SHM_DIR} after setup"
         assert not result["file_after_close"]
         assert "no open shared-memory exchange" in result["op_after_close"]

@@ -10,7 +10,8 @@ Two channels, both hosted by the front end:
   HOST:PORT``). Keys (``Keys``) live under ``g{generation}/`` so that ranks from before a restart can
   never be taken for the new ones: ``generation`` (set last), ``settings`` (``RankSettings``, JSON),
   ``pid/{rank}`` (set first: the front end kills a hung local rank by pid) and ``beat/{rank}`` (a
-  counter each rank bumps every 0.5 s from a side thread: liveness).
+  counter each rank bumps every 0.5 s from a side thread: liveness) and ``startup/{rank}`` (its start-up
+  phases as they happen, ``zp_compile.startup``).
 - **Data**: a ZeroMQ ROUTER socket (``RankSettings.data_address``); every rank connects a DEALER with
   the identity ``identity(generation, rank)``. Front end -> rank: ``Step`` (one per rank per step;
   every rank runs every step: with collective gathers all ranks must enter the forward) or ``Stop``.
@@ -164,6 +165,10 @@ class Keys:
 
     def beat(self, rank: int) -> str:
         return f"g{self.generation}/beat/{rank}"
+
+    def startup(self, rank: int) -> str:
+        """A rank's start-up record (``zp_compile.startup.PhaseClock``: seconds per phase so far)."""
+        return f"g{self.generation}/startup/{rank}"
 
 
 def identity(generation: int, rank: int) -> bytes:

@@ -1,7 +1,7 @@
 """A rank's start-up: where its time goes, and the compile work a start can skip.
 
 - ``PhaseClock`` times the phases of a rank's start (``PHASES``: load, compile, warm-up, threshold) and
-  publishes them, as they happen, under ``phase_key`` in the rendezvous store; the front end reads them
+  publishes them, as they happen, under ``contract.Keys.startup`` in the rendezvous store; the front end reads them
   while it waits for ``Ready`` (``/health`` says what the ranks are doing) and logs them once all are up.
 - ``cache_counters``: torch's compile caches as this process used them (FX graph cache and AOTAutograd
   cache hits and misses), so that a start with a warm cache can be seen to hit it.
@@ -16,14 +16,8 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from .contract import Keys
 
 PHASES = ("load", "compile", "warm-up", "threshold")
-
-
-def phase_key(keys: Keys, rank: int) -> str:
-    """The store key of a rank's start-up record, in its generation's namespace (``Keys``)."""
-    return f"g{keys.generation}/startup/{rank}"
 
 
 def compile_seconds() -> float:

@@ -42,6 +42,7 @@ import math
 import mmap
 import os
 import socket
+import itertools
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -259,7 +260,11 @@ class ShmExpertExchange:
             os.close(fd)
         _raise_if_any(_all_gather(error, group), "filling the shared-memory segment")
 
-        exchange = cls(name.removeprefix(SHM_PREFIX), rank, world_size, regions, segment, pool)
+        # The id is in every compiled graph that reads the exchange (the ops' constant argument), so it is
+        # the same at every start: the n-th exchange of a process (created collectively: every rank
+        # counts the same), not the file's random name, or no start would ever hit the compile caches.
+        exchange = cls(f"x{next(_CREATED)}-w{world_size}", rank, world_size, regions, segment, pool)
+        exchange.segment_file = name  # unlinked by now: for error messages and tests
         _EXCHANGES[exchange.exchange_id] = exchange
         return exchange
 
@@ -323,6 +328,7 @@ class ShmExpertExchange:
 
 # exchange_id -> live exchange: the op below receives a string, and finds the mapped segment here.
 _EXCHANGES: dict[str, ShmExpertExchange] = {}
+_CREATED = itertools.count()  # exchanges this process has created: their ids (ShmExpertExchange.create)
 
 
 def _lookup(exchange_id: str, shard: torch.Tensor, layer: int, slot: int) -> ShmExpertExchange:

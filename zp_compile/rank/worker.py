@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .. import contract
 from ..contract import Failed, Keys, RankSettings, Ready, StepDone, Stop
 from ..devices import process_group_backend, resolve_device
-from ..startup import PhaseClock, phase_key
+from ..startup import PhaseClock
 from .step import run_step
 from .warmup import prepare
 
@@ -112,7 +112,7 @@ def serve(address: str) -> None:
         threading.Thread(target=_heartbeat, args=(address, keys.beat(rank)), daemon=True).start()
         transport = resolve_transport(settings.transport, device, world, local)
         settings = msgspec.structs.replace(settings, transport=transport)
-        clock = PhaseClock(lambda record: store.set(phase_key(keys, rank), record))  # the front end shows them
+        clock = PhaseClock(lambda record: store.set(keys.startup(rank), record))  # the front end shows them
         with clock.phase("load"):
             model = load(settings, device)
         vocab = model.get_output_embeddings().weight.shape[0]

@@ -57,6 +57,8 @@ def create_app(settings: ServeSettings, ranks: Ranks, tokenizer, config) -> Fast
         s = state_of(request)
         ok = s.status == "ready" and not s.draining
         body = {"status": "draining" if s.draining else s.status, "detail": s.detail, "ranks": s.settings.nproc}
+        if s.startup:
+            body["startup"] = s.startup  # the last start's seconds per phase, the slowest rank's
         if s.threshold is not None:
             body["threshold"] = dataclasses.asdict(s.threshold)
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -27,7 +27,7 @@ import zmq
 
 from .. import contract
 from ..contract import Failed, Keys, Ready, Readout, Seq, Step, StepDone, Stop
-from ..startup import PHASES, phase_key, read_record
+from ..startup import PHASES, read_record
 from .settings import ServeSettings, rank_settings
 
 log = logging.getLogger("zp_compile.server")
@@ -110,7 +110,7 @@ class Ranks:
 
     def _records(self) -> dict[int, dict]:
         """Each rank's start-up record so far (``startup.PhaseClock``), by rank."""
-        keys = {r: phase_key(self.keys, r) for r in range(self.ranks)}
+        keys = {r: self.keys.startup(r) for r in range(self.ranks)}
         return {r: read_record(self.store.get(k)) for r, k in keys.items() if self.store.check([k])}
 
     def _show_progress(self) -> None:
