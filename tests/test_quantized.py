@@ -365,6 +365,50 @@ def test_stored_shards_through_both_transports(checkpoints, world_size, cases):
                     assert r["delivered"] == HELD[method] and r["gathers"] == r["slots"] == 12, (family, r)
 
 
+@pytest.mark.inductor
+@pytest.mark.parametrize("family, method", [("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4")])
+def test_stored_shards_under_inductor(checkpoints, family, method):
+    """Inductor compiles the decoding after the gathers (float8 and e2m1 on CPU): same logits, same
+    gathered dtypes."""
+    path = str(checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES))
+    for r in run_ranks(2, stored_gathers, path, [{"transport": "collective", "backend": "inductor"}]):
+        (r,) = r
+        assert r["max_abs_diff"] <= FP32_TOL and r["again_max_abs_diff"] <= FP32_TOL, r
+        assert r["delivered"] == r["held"] == HELD[method] and r["gathers"] == r["slots"] == 12, r
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_start_up_gather_moves_the_stored_tensors(checkpoints, family, method):
+    """What the rank times for t_gather at start-up (``threshold.measure_gather_s``) is the gathers of the
+    largest layer's stored tensors, and nothing else: no decoding, every slot, in the stored dtypes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import zp_compile
+    from zp_compile.threshold import measure_gather_s
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.calls.append((str(func), out.dtype if isinstance(out, torch.Tensor) else None))
+            return out
+
+    path = checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES)
+    with fake_world(2) as group:
+        model = zp_compile.from_pretrained(path, group, dtype=torch.float32, backend="eager")
+        with Record() as record:
+            measure_gather_s(model, reps=1)
+    slots = len(model.zero_prefill.sharded_layers[0].module._zp_gather.slots)
+    gathers = [dtype for op, dtype in record.calls if op == "zp_compile.gather_experts.default"]
+    assert len(gathers) == 2 * slots, record.calls  # a warm-up and one timed repetition
+    assert sorted({str(d) for d in gathers}) == HELD[method]
+    # Nothing decoded: no ATen op but the barrier's allocation.
+    assert not [op for op, _ in record.calls if op.startswith("aten.") and not op.startswith("aten.empty")], record.calls
+
+
 def _with_quantization_config(src, dst, quantization_config):
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
