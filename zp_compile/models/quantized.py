@@ -13,11 +13,14 @@ and back (the factory writes tiny checkpoints with ``encode``):
   and ``P_scales`` [E, out, in/32] uint8 (e8m0: ``2 ** (byte - 127)`` per 32 values); the decoded
   weight is [E, in, out], the layout of transformers' ``GptOssExperts``.
 
-Decoding is transformers' own code (``finegrained_fp8._dequantize_fp8_weight`` in fp32 then one
-rounding to the compute dtype, which is what its ``Fp8Dequantize`` load op computes;
-``mxfp4.convert_moe_packed_tensors``), so a rank's weights are bit-identical to what transformers
-loads from the same checkpoint. Every codec decodes any leading rows on their own: a rank decodes
-its expert shard, never the bank. The same ``decode`` is what a gather of stored bytes will call.
+Decoding computes what transformers' own code does (``finegrained_fp8._dequantize_fp8_weight`` in fp32
+then one rounding to the compute dtype, which is what its ``Fp8Dequantize`` load op computes;
+``mxfp4.convert_moe_packed_tensors``), bit for bit (tested), so a rank's weights are identical to what
+transformers loads from the same checkpoint. It is written in plain torch ops, with no table and no
+Python loop over data, because it runs inside the compiled forward: a sharded layer gathers its stored
+tensors and decodes them after the wait (``rewrite.StoredExperts``), and Inductor fuses the decoding
+into one kernel. Every codec decodes any leading rows on their own: the same ``decode`` serves a
+shard at load, a resident bank, and a gathered bank.
 """
 
 from __future__ import annotations

@@ -91,6 +91,11 @@ class GatherSpec:
         parameters in ``banks`` order issues the slots in ascending order."""
         return tuple(slot for bank in self.banks for slot in bank.slots)
 
+    @property
+    def roles(self) -> dict[str, str]:
+        """slot name -> what it stores: a codec's role ("weight", "scale", "blocks", "scales") or "" (as is)."""
+        return {slot: role for bank in self.banks for piece in bank.pieces for role, slot in piece.slots}
+
     def bank(self, name: str) -> StoredExperts:
         for bank in self.banks:
             if bank.name == name:
