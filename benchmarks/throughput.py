@@ -59,7 +59,7 @@ MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, voc
 QUANTIZATIONS = ("fp8", "mxfp4")
 # The family each quantized layout is published for, at the shape above; gpt-oss's published sliding window.
 FAMILY = {None: "qwen3_moe", "fp8": "qwen3_moe", "mxfp4": "gpt_oss"}
-FAMILY_SHAPE = {"qwen3_moe": dict(head_dim=64, intermediate_size=1024), "gpt_oss": dict(head_dim=64, sliding_window=128)}
+FAMILY_SHAPE = {"qwen3_moe": {"head_dim": 64, "intermediate_size": 1024}, "gpt_oss": {"head_dim": 64, "sliding_window": 128}}
 
 
 def build_checkpoint(quantization: str | None = None, family: str = "qwen3_moe") -> Path:
@@ -134,9 +134,8 @@ def load_memory(path: Path) -> dict:
     """Load ``path`` as ``asyncep`` does (no compile, nothing timed): this rank's expert shard bytes by
     stored role (values, scales, the rest: biases, unquantized banks), its other weights, and the
     process's resident memory before the load and at its peak."""
-    from zp_compile.models.rewrite import expert_tensors
-
     from zp_compile.models.loading import stored_sizes
+    from zp_compile.models.rewrite import expert_tensors
 
     stored_sizes(path)  # imports the model's code and reads the headers: the constant, before the baseline
     gc.collect()

@@ -204,12 +204,12 @@ def check_async_ep_graph(graph: Graph, *, prefetch: int, layer_of_gather, expect
     order = [layer_of_gather(ag) for ag in ags]
     assert order == sorted(order), f"gathers issued out of layer order: {order}"
     decoded = {L: bank([wait_of[ag] for ag in by_layer[L]], variable) for L in layers}
+    # The dtypes the expert matmuls take the weights in, and how many nodes decode them on the way.
+    used_dtypes = {i.meta["val"].dtype for L in layers for r in used[L] for i in data_inputs(r) if i in decoded[L]}
     return {
         "peak_live_layers": peak,
         "gathers": len(ags),
         "gathered_dtypes": sorted({str(gathered_dtype(ag)[1]).removeprefix("torch.") for ag in ags}),
-        # The dtypes the expert matmuls take the weights in, and how many nodes decode them on the way.
-        "used_dtypes": sorted({str(i.meta["val"].dtype).removeprefix("torch.") for L in layers for r in used[L]
-                               for i in data_inputs(r) if i in decoded[L]}),  # fmt: skip
+        "used_dtypes": sorted(str(d).removeprefix("torch.") for d in used_dtypes),
         "decode_nodes": sum(1 for L in layers for n in decoded[L] if not is_view(n) and target(n) is not C10D.wait_tensor.default),
     }

@@ -276,7 +276,9 @@ class _Reader:
     def _stacked_rows(self, reads: list[Read], role: str, shard: ExpertShard) -> torch.Tensor:
         """[S, ...] of stored tensor ``role`` of one piece: this rank's rows of a stacked tensor, or its
         experts' per-expert tensors stacked; zero padding rows."""
-        key_of = lambda read: self.stored[read.key].keys[role] if role else read.key  # noqa: E731
+        def key_of(read: Read) -> str:
+            return self.stored[read.key].keys[role] if role else read.key
+
         if reads[0].expert is None:
             (read,) = reads
             e = self.entries[key_of(read)]
