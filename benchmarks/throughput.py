@@ -21,11 +21,25 @@ is 1 (prefill only).
 
 Run one strategy per process (``--strategies asyncep``) for clean peak-memory figures; ``--json``
 appends to the file.
+
+Quantized checkpoints (``--quantization fp8|mxfp4``): the same model shape stored block-FP8 (Qwen3-MoE,
+as Qwen3-*-FP8 ships) or with MXFP4 experts (gpt-oss, the family MXFP4 is published for). ``asyncep`` and
+``asyncep-shm`` then load the quantized checkpoint (shards kept as stored, gathered so, decoded after
+each gather); ``asyncep-bf16``, ``asyncep-shm-bf16``, ``replica``, ``tp`` and ``ep`` load the bf16
+checkpoint of the same family. ``--tokens`` entries ending in ``T`` are fractions of the bf16 AsyncEP
+T* measured at start-up (``0.25T,0.5T,1T``). ``--load-memory`` only loads the checkpoint with
+``asyncep`` and prints, per rank, the shard bytes (values, scales, the rest), the dense bytes and the
+peak RSS of the load; nothing is timed.
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/throughput.py --quantization fp8 \
+        --strategies asyncep,asyncep-bf16,replica --tokens 0.25T,0.5T,1T --json out.json
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/throughput.py --quantization fp8 --load-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -42,28 +56,41 @@ import zp_compile
 MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
 
 
-def build_checkpoint() -> Path:
-    """The benchmark checkpoint (``$ZP_BENCH_CKPT``, default /tmp/zp-bench-qwen3moe-82m), built if missing."""
+QUANTIZATIONS = ("fp8", "mxfp4")
+# The family each quantized layout is published for, at the shape above; gpt-oss's published sliding window.
+FAMILY = {None: "qwen3_moe", "fp8": "qwen3_moe", "mxfp4": "gpt_oss"}
+FAMILY_SHAPE = {"qwen3_moe": {"head_dim": 64, "intermediate_size": 1024}, "gpt_oss": {"head_dim": 64, "sliding_window": 128}}
+
+
+def build_checkpoint(quantization: str | None = None, family: str = "qwen3_moe") -> Path:
+    """The benchmark checkpoint (``$ZP_BENCH_CKPT``, default /tmp/zp-bench-qwen3moe-82m), built if missing.
+    Another family (gpt-oss) or a quantized layout of the same shape is a sibling directory: the name
+    plus ``-gpt_oss``, ``-fp8`` or ``-mxfp4``."""
     from zp_compile.models import tiny
 
-    path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m"))
+    suffix = ("" if family == "qwen3_moe" else f"-{family}") + (f"-{quantization}" if quantization else "")
+    path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m") + suffix)
     if not (path / "model.safetensors").exists():
-        tiny("qwen3_moe", path, dtype=torch.bfloat16, head_dim=64, intermediate_size=1024, **MODEL)
+        tiny(family, path, dtype=torch.bfloat16, quantization=quantization, **FAMILY_SHAPE[family], **MODEL)
     return path
 
 
-def checkpoint(rank: int) -> Path:
-    if rank == 0:
-        build_checkpoint()
+def checkpoint(rank: int, quantization: str | None = None, family: str = "qwen3_moe") -> Path:
+    if rank == 0:  # built in a child process, so that building leaves nothing in this rank's memory
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(quantization, family))
+        child.start()
+        child.join()
     dist.barrier()
-    return build_checkpoint()  # built by rank 0 by now: only the path
+    return build_checkpoint(quantization, family)  # built by rank 0 by now: only the path
 
 
 def load(strategy: str, path: Path, backend: str):
     from transformers import AutoModelForCausalLM
 
-    if strategy in ("asyncep", "asyncep-shm"):
-        transport = "shm" if strategy == "asyncep-shm" else "collective"
+    if strategy.startswith("asyncep"):
+        transport = "shm" if strategy.startswith("asyncep-shm") else "collective"
         model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend, transport=transport)
         return model, torch.inference_mode
     if strategy == "replica":
@@ -82,22 +109,51 @@ def load(strategy: str, path: Path, backend: str):
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def bytes_per_layer(strategy: str, tokens: int, world: int) -> float:
+def bytes_per_layer(strategy: str, tokens: int, world: int, model=None) -> float:
     """Bytes one rank receives per MoE layer per step (analytic; bf16 = 2 bytes).
 
     AsyncEP: the other ranks' shards of the layer's expert bank (over gloo, or copied out of shared
-    memory: no network). TP: two ring all-reduces of the [N x tokens, hidden] activations. EP: the
-    dispatch and combine all-to-alls of [tokens x top_k, hidden] (the share routed to other ranks).
+    memory: no network), as ``model`` holds them (a quantized checkpoint's values and scales). TP: two
+    ring all-reduces of the [N x tokens, hidden] activations. EP: the dispatch and combine all-to-alls
+    of [tokens x top_k, hidden] (the share routed to other ranks).
     """
-    hidden, experts, width, top_k = MODEL["hidden"], MODEL["num_experts"], MODEL["expert_size"], MODEL["top_k"]
-    bank = experts * 3 * hidden * width * 2
+    from zp_compile.models.rewrite import expert_bytes
+
+    hidden, top_k = MODEL["hidden"], MODEL["top_k"]
     if strategy.startswith("asyncep"):
-        return bank * (world - 1) / world
+        sharded = model.zero_prefill.sharded_layers
+        return expert_bytes(sharded[:1]) * (world - 1) if sharded else 0.0
     if strategy == "tp":
         return 2 * 2 * (world - 1) / world * world * tokens * hidden * 2
     if strategy == "ep":
         return 2 * tokens * top_k * hidden * 2 * (world - 1) / world
     return 0.0
+
+
+def load_memory(path: Path) -> dict:
+    """Load ``path`` as ``asyncep`` does (no compile, nothing timed): this rank's expert shard bytes by
+    stored role (values, scales, the rest: biases, unquantized banks), its other weights, and the
+    process's resident memory before the load and at its peak."""
+    from zp_compile.models.loading import stored_sizes
+    from zp_compile.models.rewrite import expert_tensors
+
+    stored_sizes(path)  # imports the model's code and reads the headers: the constant, before the baseline
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+    before, _ = resident_bytes()
+    model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend="eager")
+    _, peak = resident_bytes()
+    held = {"values": 0, "scales": 0, "other": 0}
+    for layer in model.zero_prefill.layers:
+        spec = getattr(layer.module, "_zp_gather", None)  # None: a resident (whole) layer
+        roles = spec.roles if spec is not None else {}
+        for slot, t in expert_tensors(layer).items():
+            role = roles.get(slot, "")
+            kind = "scales" if role in ("scale", "scales") else "values" if role else "other"
+            held[kind] += t.numel() * t.element_size()
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return {**{f"shard_{k}_bytes": v for k, v in held.items()}, "dense_bytes": total - sum(held.values()),
+            "rss_before": before, "peak_rss": peak, "peak_over_before": peak - before}  # fmt: skip
 
 
 def resident_bytes() -> tuple[int, int]:
@@ -169,6 +225,7 @@ def bench_mix(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int
 
 def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
+    context = min(context, tokens)  # fewer tokens than one request: one shorter request
     if shared_batch:  # TP: all ranks hold the same N x tokens batch, computed once
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, vocab, (world * max(1, tokens // context), context), generator=g)
@@ -186,6 +243,31 @@ def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, sh
     return ids.numel() * (1 if shared_batch else world) * steps / elapsed
 
 
+def bf16_t_star(path: Path, context: int) -> float:
+    """T* (tokens per rank) of bf16 AsyncEP on checkpoint ``path``, measured as the ranks would at
+    start-up (the same on every rank: the measurement agrees on the worst rank)."""
+    model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend="eager")
+    tokens = zp_compile.measure_threshold(model, context=context).tokens
+    del model
+    gc.collect()
+    return tokens
+
+
+def parse_tokens(spec: str, t_star) -> list[int]:
+    """``--tokens``: integers, or fractions of the bf16 T* ending in ``T`` (``0.25T``), measured once."""
+    measured = None
+    out = []
+    for item in spec.split(","):
+        if item.endswith("T"):
+            measured = measured if measured is not None else t_star()
+            out.append(max(1, round(float(item[:-1]) * measured)))
+        else:
+            out.append(int(item))
+    if measured is not None and dist.get_rank() == 0:
+        print(f"bf16 AsyncEP T* = {measured:,.0f} tokens per rank: --tokens {spec} = {out}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategies", default="asyncep,asyncep-shm,replica,tp,ep")
@@ -196,36 +278,57 @@ def main() -> None:
     parser.add_argument("--workload", default="random", choices=["random", "mix"],
                         help="random: sequences of --context tokens; mix: the paper-like mix (zp_compile.tools.workloads), "
                         "prompts clipped to --context, steps filled up to --tokens real tokens per rank")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="asyncep and asyncep-shm load this layout of the checkpoint (fp8: Qwen3-MoE, mxfp4: gpt-oss); "
+                        "asyncep-bf16, asyncep-shm-bf16, replica, tp and ep the bf16 one of the same family")
+    parser.add_argument("--load-memory", action="store_true",
+                        help="only load the checkpoint as asyncep does and print each rank's shard and peak memory")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    path = checkpoint(rank)
+    family = FAMILY[args.quantization]
+    path_of = functools.cache(lambda quantization: checkpoint(rank, quantization, family))  # built on first use, on every rank
+    if args.load_memory:
+        report = load_memory(path_of(args.quantization))
+        reports = [None] * world
+        dist.all_gather_object(reports, report)
+        if rank == 0:
+            for r, rep in enumerate(reports):
+                print(f"rank {r}: " + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in rep.items()), flush=True)
+        dist.destroy_process_group()
+        return
+    tokens_list = parse_tokens(args.tokens, lambda: bf16_t_star(path_of(None), args.context))
     results = []
     for strategy in args.strategies.split(","):
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
+        quantized = strategy in ("asyncep", "asyncep-shm") and args.quantization
+        path = path_of(args.quantization if quantized else None)
         model, grad_ctx = load(strategy, path, args.backend)
         if strategy.startswith("asyncep"):  # the threshold the scheduler would use, measured now
             threshold = zp_compile.saturation_threshold(model, context=args.context)
-            t_star = {"strategy": strategy, "t_star_tokens": threshold.tokens, "t_gather_s": threshold.t_gather_s}
+            t_star = {"strategy": strategy, "quantization": quantized or "", "t_star_tokens": threshold.tokens,
+                      "t_gather_s": threshold.t_gather_s}  # fmt: skip
             results.append(t_star)
             if rank == 0:
                 print(f"{strategy:<8} T* = {threshold.tokens:,.0f} tokens per rank (t_gather {threshold.t_gather_s * 1e3:.1f} ms)")
-        for tokens in map(int, args.tokens.split(",")):
+        for tokens in tokens_list:
             run = bench_mix if args.workload == "mix" else bench
             tok_s = run(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
             _, peak = resident_bytes()
             row = {
                 "strategy": strategy,
+                "quantization": quantized or "",
+                "family": family,
                 "workload": args.workload,
                 "tokens_per_rank": tokens,
                 "context": args.context,
                 "tok_s": tok_s,
                 "peak_rss": peak,
-                "bytes_per_layer": bytes_per_layer(strategy, tokens, world),
+                "bytes_per_layer": bytes_per_layer(strategy, tokens, world, model),
             }
             peaks = [None] * world
             dist.all_gather_object(peaks, peak)

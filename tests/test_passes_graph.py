@@ -109,3 +109,56 @@ def test_dynamic_shapes_keep_the_invariants():
     symbolic = [g for g in graphs if any(isinstance(n.meta.get("val"), torch.SymInt) for n in g.nodes)]
     assert symbolic, "expected a dynamic-shape recompile"
     check_async_ep_graph(symbolic[-1], prefetch=1, layer_of_gather=decoder_layer, expected_gathers=6)
+
+
+# Quantized checkpoints at sizes with whole and partial 128-blocks; what their gathers move: the stored
+# values and their scales (MXFP4: uint8 blocks and e8m0 scales, bf16 biases).
+QUANTIZED_SIZES = {"layers": 4, "hidden": 256, "expert_size": 128, "num_experts": 6}
+STORED_DTYPES = {"fp8": ["float32", "float8_e4m3fn"], "mxfp4": ["bfloat16", "uint8"]}
+
+
+def compile_checkpoint(path, world_size: int, prefetch: int, **kwargs):
+    torch._dynamo.reset()
+    with fake_world(world_size) as group, captured_graphs() as graphs:
+        model = zp_compile.from_pretrained(path, group, dtype=torch.float32, prefetch=prefetch, backend="aot_eager", **kwargs)
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, model.config.vocab_size, (2, 5)))
+    assert len(graphs) == 1, "the whole forward must be one graph"
+    return model, graphs[0]
+
+
+@pytest.mark.parametrize(
+    "family, method, prefetch",
+    [("qwen3_moe", "fp8", 0), ("qwen3_moe", "fp8", 1), ("qwen3_moe", "fp8", 2), ("deepseek_v3", "fp8", 1), ("gpt_oss", "mxfp4", 1)],
+)
+def test_quantized_banks_are_gathered_as_stored(checkpoints, family, method, prefetch):
+    """The gathers move the checkpoint's bytes (float8 / uint8 and their scales), the dequantization runs
+    after the waits, the expert matmuls get fp32 weights, and the AsyncEP invariants hold with the
+    decoded copies counted as part of their layer."""
+    model, graph = compile_checkpoint(checkpoints(family, quantization=method, **QUANTIZED_SIZES), 2, prefetch)
+    sharded = model.zero_prefill.sharded_layers
+    expected = sum(len(layer.module._zp_gather.slots) for layer in sharded)
+    # FP8: gate and up (two per-expert pieces) and down, each values + scales; MXFP4: blocks, scales, bias each.
+    assert expected == 6 * len(sharded)
+    stats = check_async_ep_graph(graph, prefetch=prefetch, layer_of_gather=decoder_layer, expected_gathers=expected)
+    assert stats["gathered_dtypes"] == STORED_DTYPES[method]
+    assert stats["used_dtypes"] == ["float32"] and stats["decode_nodes"] >= 2 * len(sharded)
+    assert stats["peak_live_layers"] == min(prefetch + 1, len(sharded))
+
+
+def test_checks_tell_stored_from_decoded_gathers(checkpoints):
+    """Controls for the checks above: an unquantized checkpoint gathers fp32 and decodes nothing; a graph
+    that computes with a shard before gathering it (decoding first) is refused."""
+    _, graph = compile_checkpoint(checkpoints("qwen3_moe", **QUANTIZED_SIZES), 2, 1)
+    stats = check_async_ep_graph(graph, prefetch=1, layer_of_gather=decoder_layer, expected_gathers=8)
+    assert stats["gathered_dtypes"] == ["float32"] and stats["decode_nodes"] == 0
+
+    _, graph = compile_checkpoint(checkpoints("qwen3_moe", quantization="fp8", **QUANTIZED_SIZES), 2, 1)
+    ag = next(n for n in graph.nodes if "all_gather_into_tensor" in str(n.target))
+    sent = ag.args[0]
+    with graph.inserting_before(ag):
+        early = graph.call_function(torch.ops.aten.bitwise_not.default, (sent,))
+    early.meta["val"] = sent.meta["val"]
+    ag.replace_input_with(sent, early)
+    with pytest.raises(AssertionError, match="not a shard as stored"):
+        check_async_ep_graph(graph, prefetch=1, layer_of_gather=decoder_layer, expected_gathers=24)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from zp_compile.models import tiny
 from zp_compile.models.loading import CheckpointError, checkpoint_index, load_sharded
 from zp_compile.models.quantized import BlockFp8, Mxfp4, codec_for
-from zp_compile.models.rewrite import SHARD_SUFFIX
+from zp_compile.models.rewrite import shards
 from zp_compile.sharding import ExpertShard
 
 from dist_utils import fake_world, run_ranks
@@ -90,6 +90,21 @@ def test_mxfp4_layout_is_transformers():
     lo, hi = blocks[0, 0, 0, 0].item() & 0xF, blocks[0, 0, 0, 0].item() >> 4
     assert (FP4_VALUES[lo], FP4_VALUES[hi]) == (0.5, -3.0)
     assert torch.equal(Mxfp4().decode(stored, torch.float32), weight)
+
+
+def test_mxfp4_decodes_every_byte_as_transformers():
+    """The plain-torch decode that a compiled graph traces computes transformers' own
+    ``convert_moe_packed_tensors`` bit for bit, for every block byte and every scale byte (255: inf)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 1, 16).expand(16, 16, 16, 16).contiguous()  # [E, out, G, 16]
+    scales = torch.arange(256, dtype=torch.uint8).reshape(16, 16, 1).expand(16, 16, 16).contiguous()  # [E, out, G]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = Mxfp4().decode({"blocks": blocks, "scales": scales}, dtype)
+        expected = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        assert got.dtype == expected.dtype and got.shape == expected.shape == (16, 16 * 32, 16)
+        assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
 
 
 @settings(max_examples=30, deadline=None)
@@ -180,8 +195,24 @@ def test_load_is_transformers_dequantization(checkpoints, family, method):
         assert relative <= (1 / 16 if method == "fp8" else 1 / 4), (name, relative.item())
 
 
+def _decoded_shards(model, layers) -> dict[str, torch.Tensor]:
+    """parameter name -> this rank's [S, ...] rows of it: the stored shards decoded where they are, no gather."""
+    out = {}
+    for layer in layers:
+        module, spec = layer.module, layer.module._zp_gather
+        for bank in spec.banks:
+            out[f"{layer.path}.{bank.name}"] = bank.decode(shards(module))
+    return out
+
+
+STORED = {"fp8": {"weight": torch.float8_e4m3fn, "scale": torch.float32}, "mxfp4": {"blocks": torch.uint8, "scales": torch.uint8}}
+
+
+@pytest.mark.parametrize("keep_stored", [True, False])
 @pytest.mark.parametrize("family, method", PUBLISHED)
-def test_each_rank_reads_its_rows_and_scales_only(checkpoints, family, method):
+def test_each_rank_reads_its_rows_and_scales_only(checkpoints, family, method, keep_stored):
+    """Each rank reads its experts' rows and scales only, and holds them as stored (``keep_stored``) or
+    decoded at load: either way its rows decode to those of transformers' dequantized bank."""
     from transformers import AutoModelForCausalLM
 
     path = checkpoints(family, quantization=method, num_experts=7, **FP8_SIZES)
@@ -191,13 +222,22 @@ def test_each_rank_reads_its_rows_and_scales_only(checkpoints, family, method):
     for rank in range(world_size):
         log: list = []
         with fake_world(world_size, rank):
-            model, layers = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
+            model, layers = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log, keep_stored=keep_stored)
         plan = ExpertShard(7, world_size, rank)
-        for name, tensor in model.state_dict().items():
-            if name.endswith(SHARD_SUFFIX):
-                full = reference[name.removesuffix(SHARD_SUFFIX)]
-                assert torch.equal(tensor[: plan.num_owned], full[plan.start : plan.stop]), name
-                assert not tensor[plan.num_owned :].any(), name
+        held = {(layer.index, slot): t for layer in layers for slot, t in shards(layer.module).items()}
+        role_of = {(layer.index, slot): role for layer in layers for slot, role in layer.module._zp_gather.roles.items()}
+        roles = set(role_of.values())
+        if keep_stored:
+            assert roles == set(STORED[method]) | ({""} if method == "mxfp4" else set()), roles  # "": a bf16 bias
+            for slot, role in role_of.items():
+                want = STORED[method].get(role, torch.bfloat16)  # MXFP4 biases: bf16 as stored
+                assert held[slot].dtype == want and held[slot].shape[0] == plan.shard_size, (slot, held[slot].dtype)
+        else:
+            assert roles == {""} and {t.dtype for t in held.values()} == {torch.float32}
+        for name, rows in _decoded_shards(model, layers).items():
+            assert rows.dtype == torch.float32 and rows.shape == (plan.shard_size, *reference[name].shape[1:]), name
+            assert torch.equal(rows[: plan.num_owned], reference[name][plan.start : plan.stop]), name
+            assert not rows[plan.num_owned :].any(), name
         read = [(key, rows) for key, rows in log if key in expert_keys]
         # Scales are read with their weights, for the same experts.
         assert any(key.endswith(("_scale_inv", "_scales")) for key, _ in read)
@@ -225,11 +265,11 @@ def test_stacked_fp8_experts_are_read_by_rows(checkpoints, tmp_path):
     for rank in range(3):
         log: list = []
         with fake_world(3, rank):
-            model, _ = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
+            model, layers = load_sharded(path, dist.group.WORLD, dtype=torch.float32, reader_log=log)
         plan = ExpertShard(5, 3, rank)
-        state = model.state_dict()
+        decoded = _decoded_shards(model, layers)
         for key, bank in banks.items():
-            assert torch.equal(state[key + SHARD_SUFFIX][: plan.num_owned], bank[plan.start : plan.stop]), key
+            assert torch.equal(decoded[key][: plan.num_owned], bank[plan.start : plan.stop]), key
             assert (key, (plan.start, plan.stop)) in log and (key + "_scale_inv", (plan.start, plan.stop)) in log
 
 
@@ -246,6 +286,126 @@ def test_sharded_logits_match_dequantized_reference(checkpoints, world_size):
             assert r["max_abs_diff"] <= FP32_TOL, r
             assert r["logit_scale"] > 0.1, r  # not a vacuous match
             assert r["sharded_layers"] == (2 if world_size > 1 else 0), r
+
+
+def stored_gathers(rank: int, world_size: int, path: str, cases: list[dict]) -> list[dict]:
+    """Per rank (spawned): for each (transport, backend), ``zp_compile.from_pretrained`` logits (fp32)
+    vs the model transformers builds from the dequantized weights, with what the rank holds and what
+    its gathers deliver; then a step where rank 0 has no tokens and takes part in the gathers alone."""
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+    from zp_compile.passes.predicates import is_shm_gather, is_wait
+
+    from dist_utils import captured_graphs
+    from workers import padded_batch
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask = padded_batch(rank, ref.config.get_text_config().vocab_size)
+    with torch.inference_mode():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    out = []
+    for case in cases:
+        torch._dynamo.reset()
+        # The graphs are captured as our pass sees them: a hit in Inductor's FX graph cache would skip it.
+        with captured_graphs() as graphs, torch._inductor.config.patch(fx_graph_cache=False):
+            model = zp_compile.from_pretrained(path, dtype=torch.float32, **case)
+            with torch.inference_mode():
+                got = model(input_ids=ids, attention_mask=mask).logits
+                lone = (ids[:, :0], mask[:, :0]) if rank == 0 else (ids, mask)  # rank 0: nothing to score
+                again = model(input_ids=lone[0], attention_mask=lone[1]).logits
+        state = model.zero_prefill
+        # What each gather delivers, before anything reads it: the wait's output seen through its dtype
+        # view, or the shared-memory copy.
+        delivered = [
+            (next(iter(n.users)) if len(n.users) == 1 and "view" in str(next(iter(n.users)).target) else n).meta["val"].dtype
+            for g in graphs for n in g.nodes if is_wait(n) or is_shm_gather(n)
+        ]  # fmt: skip
+        out.append({
+            **case,
+            "max_abs_diff": (got - expected)[valid].abs().max().item(),
+            "again_max_abs_diff": 0.0 if rank == 0 else (again - expected)[valid].abs().max().item(),
+            "logit_scale": expected[valid].abs().max().item(),
+            "held": sorted({str(t.dtype) for layer in state.sharded_layers for t in shards(layer.module).values()}),
+            "delivered": sorted({str(d) for d in delivered}),
+            "gathers": len(delivered),
+            "slots": sum(len(layer.module._zp_gather.slots) for layer in state.sharded_layers),
+            "expert_bytes": state.expert_bytes,
+        })  # fmt: skip
+        if state.exchange is not None:
+            state.exchange.close()
+    return out
+
+
+HELD = {"fp8": ["torch.float32", "torch.float8_e4m3fn"], "mxfp4": ["torch.bfloat16", "torch.uint8"]}
+
+
+@pytest.mark.parametrize(
+    "world_size, cases",
+    [
+        (2, [{"transport": "collective", "backend": "eager"}, {"transport": "shm", "backend": "aot_eager"},
+             {"transport": "shm", "backend": "eager"}]),
+        (3, [{"transport": "shm", "backend": "aot_eager"}]),
+    ],
+)  # fmt: skip
+def test_stored_shards_through_both_transports(checkpoints, world_size, cases):
+    """Both transports move the stored shards, compiled and eager (decoding after the blocking gather):
+    logits within 1e-4 of the dequantized reference, the ranks hold float8 / uint8 shards with their
+    scales, the compiled graph's gathers deliver those dtypes (one per stored tensor), and a rank with
+    no tokens takes part in the same gathers in the same order (its peers' logits stay right)."""
+    for family, method in PUBLISHED:
+        path = str(checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES))
+        for rank_results in run_ranks(world_size, stored_gathers, path, cases):
+            for r in rank_results:
+                assert r["max_abs_diff"] <= FP32_TOL and r["again_max_abs_diff"] <= FP32_TOL, (family, r)
+                assert r["logit_scale"] > 0.1 and r["held"] == HELD[method], (family, r)
+                if r["backend"] != "eager":
+                    assert r["delivered"] == HELD[method] and r["gathers"] == r["slots"] == 12, (family, r)
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("family, method", [("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4")])
+def test_stored_shards_under_inductor(checkpoints, family, method):
+    """Inductor compiles the decoding after the gathers (float8 and e2m1 on CPU): same logits, same
+    gathered dtypes."""
+    path = str(checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES))
+    for r in run_ranks(2, stored_gathers, path, [{"transport": "collective", "backend": "inductor"}]):
+        (r,) = r
+        assert r["max_abs_diff"] <= FP32_TOL and r["again_max_abs_diff"] <= FP32_TOL, r
+        assert r["delivered"] == r["held"] == HELD[method] and r["gathers"] == r["slots"] == 12, r
+
+
+@pytest.mark.parametrize("family, method", PUBLISHED)
+def test_start_up_gather_moves_the_stored_tensors(checkpoints, family, method):
+    """What the rank times for t_gather at start-up (``threshold.measure_gather_s``) is the gathers of the
+    largest layer's stored tensors, and nothing else: no decoding, every slot, in the stored dtypes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import zp_compile
+    from zp_compile.threshold import measure_gather_s
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.calls.append((str(func), out.dtype if isinstance(out, torch.Tensor) else None))
+            return out
+
+    path = checkpoints(family, quantization=method, num_experts=6, **FP8_SIZES)
+    with fake_world(2) as group:
+        model = zp_compile.from_pretrained(path, group, dtype=torch.float32, backend="eager")
+        with Record() as record:
+            measure_gather_s(model, reps=1)
+    slots = len(model.zero_prefill.sharded_layers[0].module._zp_gather.slots)
+    gathers = [dtype for op, dtype in record.calls if op == "zp_compile.gather_experts.default"]
+    assert len(gathers) == 2 * slots, record.calls  # a warm-up and one timed repetition
+    assert sorted({str(d) for d in gathers}) == HELD[method]
+    # Nothing decoded: no ATen op but the barrier's allocation.
+    assert not [op for op, _ in record.calls if op.startswith("aten.") and not op.startswith("aten.empty")], record.calls
 
 
 def _with_quantization_config(src, dst, quantization_config):

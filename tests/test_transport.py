@@ -26,6 +26,9 @@ CASES = {
     (1, 0): (7, (2, 6), "bfloat16"),
     (2, 0): (3, (8,), "float32"),
     (2, 1): (4, (), "float32"),  # one value per expert: [E]
+    # Quantized shards as stored: FP8 values (scales are float32 keys like the above), MXFP4 blocks.
+    (3, 0): (5, (4, 3), "float8_e4m3fn"),
+    (3, 1): (7, (2, 16), "uint8"),
 }
 
 
@@ -33,6 +36,8 @@ def _full(key) -> torch.Tensor:
     """The whole [E, ...] bank for a key; the same on every rank (seeded by the key)."""
     num_experts, rest, dtype = CASES[key]
     g = torch.Generator().manual_seed(100 * key[0] + key[1])
+    if dtype == "uint8":
+        return torch.randint(0, 256, (num_experts, *rest), generator=g, dtype=torch.uint8)
     return torch.randn(num_experts, *rest, generator=g).to(getattr(torch, dtype))
 
 
@@ -58,7 +63,7 @@ def roundtrip(rank: int, world_size: int) -> dict:
         full = _full(key)
         got = exchange.gather(key)
         view = exchange.view(key)
-        buf = torch.full_like(got, float("nan"))
+        buf = torch.full_like(got, float("nan") if got.is_floating_point() else 255)  # overwritten by the gather
         op = torch.ops.zp_compile.shm_gather(shard, exchange.exchange_id, *key)
         out["keys"][str(key)] = {
             "shape": list(got.shape),
@@ -204,6 +209,7 @@ def test_gather_rebuilds_every_bank(world_size, shm_unchanged):
             checks = {k: v for k, v in r.items() if isinstance(v, bool)}
             assert all(checks.values()), f"rank {rank} key {key}: {checks}"
         assert result["keys"]["(0, 1)"]["dtype"] == "torch.bfloat16"
+        assert result["keys"]["(3, 0)"]["dtype"] == "torch.float8_e4m3fn" and result["keys"]["(3, 1)"]["dtype"] == "torch.uint8"
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)])

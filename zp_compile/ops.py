@@ -8,7 +8,9 @@
   node, so the passes in ``zp_compile.passes`` see exactly where each layer's full expert weights are
   used and lower the marker to functional collectives (all-gather + wait + narrow) placed one layer
   ahead. Outside a compiled region (plain eager forward) it runs a blocking gather: correct, with no
-  overlap, so an optimized model is usable before or without compilation. Implemented here.
+  overlap, so an optimized model is usable before or without compilation. Implemented here. The shard
+  is gathered in whatever dtype it is stored in (float8 values, uint8 MXFP4 blocks, their scales):
+  decoding to the compute dtype is the caller's, after the gather (``zp_compile.models.rewrite``).
 - ``zp_compile::shm_gather(shard, exchange_id, layer, slot)``: every rank's ``[S, ...]`` rows of
   ``(layer, slot)`` copied out of a shared-memory exchange, ``[N * S, ...]``. Implemented (kernel and
   fake) by ``zp_compile.transport``, which owns the exchanges the op looks up; an ``exchange_id`` only
@@ -38,6 +40,20 @@ SHM_GATHER = f"{OP_NAMESPACE}::shm_gather"
 PACKED_ATTENTION = f"{OP_NAMESPACE}::packed_attention"
 
 
+# gloo has no float8 type: these travel as their bytes (a same-size dtype view, no copy), on every
+# backend alike, so the graph is the same whatever the group's backend.
+_SENT_AS_BYTES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def all_gather_rows(shard: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+    """Functional all-gather of every rank's ``[S, ...]`` shard, then its wait: ``[N * S, ...]`` in the
+    shard's dtype. Traced as is by the lowering pass (which moves the gather and the wait apart)."""
+    wire = shard.view(torch.uint8) if shard.dtype in _SENT_AS_BYTES else shard
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(wire.contiguous(), group_size, group_name)
+    gathered = torch.ops._c10d_functional.wait_tensor(gathered)
+    return gathered if wire is shard else gathered.view(shard.dtype)
+
+
 @torch.library.custom_op(f"{OP_NAMESPACE}::gather_experts", mutates_args=())
 def gather_experts(
     shard: torch.Tensor, num_experts: int, group_size: int, group_name: str, layer: int, slot: int, exchange_id: str
@@ -46,8 +62,7 @@ def gather_experts(
     if exchange_id:
         gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)
         return unshard_rows(gathered, num_experts).clone()  # the pool keeps `gathered`: never alias it
-    gathered = torch.ops._c10d_functional.all_gather_into_tensor(shard.contiguous(), group_size, group_name)
-    gathered = torch.ops._c10d_functional.wait_tensor(gathered)
+    gathered = all_gather_rows(shard, group_size, group_name)
     # A custom op may not return a view of a buffer it allocated and then drops; copy only when padded.
     if gathered.shape[0] != num_experts:
         return unshard_rows(gathered, num_experts).clone()

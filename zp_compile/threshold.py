@@ -3,7 +3,8 @@ prediction of it is ``costmodel.planning.predict_threshold``).
 
 T = t_gather * F_peak * gamma (the paper's rule): the FLOPs a rank must spend on one MoE layer for the
 gather of the next layer's expert bank to hide behind it. t_gather is the slowest layer's gather timed
-through the model's own transport (collective or shared memory); F_peak is a matmul of the model's
+through the model's own transport (collective or shared memory), of the tensors as stored (a quantized
+checkpoint's values and scales, as the forward gathers them); F_peak is a matmul of the model's
 dtype timed on the model's device (``costmodel.hardware.measure_matmul_flops``, which the planner's cpu
 profile uses too). Both are timed with the device synchronised around them (``devices.synchronize``: on a
 GPU the host clock alone would time the launches). Every rank measures and the ranks agree on the worst
@@ -25,7 +26,7 @@ from .costmodel.flops import threshold_at
 from .costmodel.hardware import measure_matmul_flops
 from .costmodel.spec import spec_from_config
 from .devices import collective_device, module_device, synchronize
-from .models.rewrite import SHARD_SUFFIX
+from .models.rewrite import expert_bytes, gather_stored
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,15 @@ def _median_seconds(fn, reps: int, device: torch.device) -> float:
 
 def measure_gather_s(model: nn.Module, reps: int = 3) -> float:
     """Seconds to gather the largest sharded MoE layer, through the model's transport. Collective: call
-    it on every rank of the group (layers are gathered in the same order everywhere)."""
+    it on every rank of the group (layers are gathered in the same order everywhere). A quantized layer
+    is gathered as stored (values and scales), not decoded: the bytes a forward moves, and no compute."""
     layers = model.zero_prefill.sharded_layers
     if not layers:
         return 0.0
-    largest = max(layers, key=lambda layer: sum(getattr(layer.module, n + SHARD_SUFFIX).numel() for n in layer.expert_params))
+    largest = max(layers, key=lambda layer: expert_bytes([layer]))
 
     def gather() -> None:
-        for name in largest.expert_params:
-            getattr(largest.module, name)  # the eager gather: all-gather or shared-memory copy
+        gather_stored(largest.module)  # the eager gathers of the stored tensors: all-gather or shared-memory copy
 
     if model.zero_prefill.group is not None:
         dist.barrier(model.zero_prefill.group)

@@ -10,7 +10,10 @@ gate/up layouts come from one place.
 
 Quantized checkpoints (block-FP8, MXFP4 experts; ``quantized.py``) are routed the same way: each
 weight's stored tensors (FP8 values and block scales, MXFP4 blocks and scales) stand for the weight,
-and are read for the same rows, then decoded to the parameter's dtype one shard at a time.
+and are read for the same rows. A sharded layer's expert shards stay as stored (``keep_stored``, the
+default): the forward gathers the stored bytes and decodes after the gather (``rewrite.StoredExperts``).
+Everything else (dense FP8 linears, resident expert banks) is decoded to the parameter's dtype at load,
+one tensor at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ..sharding import ExpertShard
 from .discovery import MoELayer, find_moe_layers
 from .errors import CheckpointError
 from .quantized import Codec, StoredWeight, codec_for, decoded_shapes, stored_weights
-from .rewrite import gather_spec, install_shards
+from .rewrite import StoredExperts, StoredPiece, gather_spec, install_shards
 
 
 @dataclass
@@ -248,10 +251,63 @@ class _Reader:
             # else: another rank's expert, never opened
         return out
 
+    def stored_rows(self, plan: ParamPlan, name: str, dtype: torch.dtype, shard: ExpertShard) -> tuple[StoredExperts, dict[str, torch.Tensor]]:
+        """This rank's rows of expert parameter ``plan`` (called ``name`` in its module) as the checkpoint
+        stores them, not decoded: slot name -> [S, ...] zero-padded tensor in its checkpoint dtype (FP8
+        values, their scales, MXFP4 blocks and scales, a bf16 bias), and how the gathered slots decode
+        into the ``dtype`` parameter. A fused projection read from per-expert gate and up weights keeps
+        them as two pieces, each with its own block scales."""
+        pieces, tensors = [], {}
+        groups = _pieces(plan)
+        for k, reads in enumerate(groups):
+            weight = self.stored.get(reads[0].key)
+            roles = list(weight.keys) if weight is not None else [""]
+            slots = tuple((role, "_".join(p for p in (name, str(k) if len(groups) > 1 else "", role) if p)) for role in roles)
+            for role, slot in slots:
+                tensors[slot] = self._stacked_rows(reads, role, shard)
+            pieces.append(StoredPiece(slots, self.codec if weight is not None else None, reads[0].transpose))
+        bank = StoredExperts(name, dtype, tuple(pieces), groups[0][0].dim or 1)
+        decoded = bank.decode({slot: t.to("meta") for slot, t in tensors.items()})  # shapes only
+        if decoded.shape[1:] != plan.shape[1:]:
+            raise CheckpointError(f"{plan.name}: the stored tensors decode to {list(decoded.shape[1:])} per expert, "
+                                  f"the model's parameter is {list(plan.shape[1:])}")  # fmt: skip
+        return bank, tensors
+
+    def _stacked_rows(self, reads: list[Read], role: str, shard: ExpertShard) -> torch.Tensor:
+        """[S, ...] of stored tensor ``role`` of one piece: this rank's rows of a stacked tensor, or its
+        experts' per-expert tensors stacked; zero padding rows."""
+        def key_of(read: Read) -> str:
+            return self.stored[read.key].keys[role] if role else read.key
+
+        if reads[0].expert is None:
+            (read,) = reads
+            e = self.entries[key_of(read)]
+            out = torch.zeros((shard.shard_size, *e.shape[1:]), dtype=e.dtype)
+            self._read_stored(key_of(read), shard.start, shard.stop, out[: shard.num_owned])
+            return out
+        e = self.entries[key_of(reads[0])]
+        out = torch.zeros((shard.shard_size, *e.shape), dtype=e.dtype)
+        for read in reads:
+            if shard.start <= read.expert < shard.stop:  # else another rank's expert, never opened
+                self._read_stored(key_of(read), None, None, out[read.expert - shard.start])
+                self.log[-1] = (key_of(read), (read.expert, read.expert + 1))  # this expert's row of the bank
+        return out
+
     def _shape(self, key: str) -> tuple[int, ...]:
         """The shape of weight ``key`` as the model sees it (decoded, for a quantized weight)."""
         weight = self.stored.get(key)
         return weight.shape if weight is not None else self.entries[key].shape
+
+
+def _pieces(plan: ParamPlan) -> list[list[Read]]:
+    """The reads of an expert parameter by stored weight: its one stacked tensor, or its per-expert
+    tensors grouped by the part of the parameter they fill (fused gate/up: gate, then up)."""
+    if plan.reads[0].expert is None:
+        return [plan.reads]
+    parts: dict[int, list[Read]] = defaultdict(list)
+    for read in plan.reads:
+        parts[read.offset if read.dim is not None else 0].append(read)
+    return [parts[offset] for offset in sorted(parts)]
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -333,11 +389,16 @@ def load_sharded(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     resident_first_layer: bool = False,
+    keep_stored: bool = True,
     reader_log: list | None = None,
 ) -> tuple[nn.Module, list[MoELayer]]:
     """Build the model of checkpoint ``path`` with this rank's expert shards only (no full bank ever),
     on ``device`` (default: the CPU). Each tensor is read into host memory and moved to the device as
     it is read: the host never holds more than one tensor of a GPU rank's model.
+
+    ``keep_stored``: a quantized checkpoint's expert shards stay as stored (FP8 values and scales, MXFP4
+    blocks and scales, biases in their checkpoint dtype), gathered so and decoded after each gather;
+    False decodes them at load to the model's dtype (for comparison).
 
     Returns the model (eval mode) and its MoE layers."""
     path = Path(path)
@@ -358,7 +419,7 @@ def load_sharded(
     world_size = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
     for layer in layers:
-        _load_layer(model, layer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, device)
+        _load_layer(model, layer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, keep_stored, device)
 
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
@@ -367,13 +428,21 @@ def load_sharded(
     return model.to(device).eval(), layers  # .to: the buffers built at init (rotary frequencies)
 
 
-def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, device):
+def _load_layer(model, layer: MoELayer, plans, reader, dtypes, group, world_size, rank, resident_first_layer, keep_stored, device):
     names = [f"{layer.path}.{p}" for p in layer.expert_params]
     missing = [n for n in names if n not in plans]
     if missing:
         raise CheckpointError(f"no checkpoint tensor for expert parameters {missing}")
     whole = world_size == 1 or (resident_first_layer and layer.index == 0)
     plan = ExpertShard(layer.num_experts, 1 if whole else world_size, 0 if whole else rank)
+    if not whole and keep_stored and reader.codec is not None:
+        banks, shards = [], {}
+        for short, name in zip(layer.expert_params, names):
+            bank, stored = reader.stored_rows(plans[name], short, dtypes[name], plan)
+            banks.append(bank)
+            shards.update({slot: t.to(device) for slot, t in stored.items()})
+        install_shards(layer, shards, gather_spec(layer, group, tuple(banks)))
+        return
     # [shard_size, ...] zero-padded; the owned rows are read into it directly (no full bank, no copy).
     shards = {
         short: reader.expert_rows(

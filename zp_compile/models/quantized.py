@@ -13,11 +13,14 @@ and back (the factory writes tiny checkpoints with ``encode``):
   and ``P_scales`` [E, out, in/32] uint8 (e8m0: ``2 ** (byte - 127)`` per 32 values); the decoded
   weight is [E, in, out], the layout of transformers' ``GptOssExperts``.
 
-Decoding is transformers' own code (``finegrained_fp8._dequantize_fp8_weight`` in fp32 then one
-rounding to the compute dtype, which is what its ``Fp8Dequantize`` load op computes;
-``mxfp4.convert_moe_packed_tensors``), so a rank's weights are bit-identical to what transformers
-loads from the same checkpoint. Every codec decodes any leading rows on their own: a rank decodes
-its expert shard, never the bank. The same ``decode`` is what a gather of stored bytes will call.
+Decoding computes what transformers' own code does (``finegrained_fp8._dequantize_fp8_weight`` in fp32
+then one rounding to the compute dtype, which is what its ``Fp8Dequantize`` load op computes;
+``mxfp4.convert_moe_packed_tensors``), bit for bit (tested), so a rank's weights are identical to what
+transformers loads from the same checkpoint. It is written in plain torch ops, with no table and no
+Python loop over data, because it runs inside the compiled forward: a sharded layer gathers its stored
+tensors and decodes them after the wait (``rewrite.StoredExperts``), and Inductor fuses the decoding
+into one kernel. Every codec decodes any leading rows on their own: the same ``decode`` serves a
+shard at load, a resident bank, and a gathered bank.
 """
 
 from __future__ import annotations
@@ -91,11 +94,16 @@ class BlockFp8:
         return tuple(shape)
 
     def decode(self, parts, dtype):
-        from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
-
-        # In fp32, then one rounding: the numerics of transformers' Fp8Dequantize at load, which
-        # itself cannot read edge blocks (it derives the block from the scale grid).
-        return _dequantize_fp8_weight(parts["weight"], parts["scale"], list(self.block), torch.float32).to(dtype)
+        # Plain torch ops, so that a compiled graph traces it after the gather and Inductor fuses it
+        # into one kernel. The numerics of transformers' ``_dequantize_fp8_weight`` in fp32 (and of its
+        # Fp8Dequantize at load, which cannot read edge blocks): each value times its block's scale in
+        # fp32, then one rounding to ``dtype``. Edge tiles are zero-padded to whole blocks and cropped.
+        weight, scale = parts["weight"], parts["scale"]  # [..., R, C] fp8, [..., R/bm, C/bn]
+        (bm, bn), (rows, cols) = self.block, weight.shape[-2:]
+        padded = torch.nn.functional.pad(weight.to(torch.float32), (0, -cols % bn, 0, -rows % bm))
+        tiles = padded.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))  # [..., R/bm, bm, C/bn, bn]
+        decoded = tiles * scale.to(torch.float32)[..., :, None, :, None]
+        return decoded.flatten(-2).flatten(-3, -2)[..., :rows, :cols].to(dtype)
 
     def encode(self, weight):
         # transformers' Fp8Quantize arithmetic (448 / amax per tile, inverse stored), with edge tiles
@@ -114,6 +122,15 @@ class BlockFp8:
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _MX_GROUP = 32  # values per e8m0 scale
 _E8M0_BIAS = 127
+
+
+def _e2m1_value(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The value of each 4-bit e2m1 code (transformers' ``FP4_VALUES[code]``), computed rather than looked
+    up so that a traced graph holds no table: sign bit 3, exponent bits 2-1, mantissa bit 0; exponent 0
+    is subnormal (0 or 0.5), else ``(2 + m) * 2 ** (e - 2)``. Every value is exact in any float dtype."""
+    exponent, mantissa = ((code >> 1) & 3).to(torch.int32), (code & 1).to(dtype)
+    magnitude = torch.where(exponent == 0, mantissa * 0.5, torch.ldexp(mantissa + 2, exponent - 2).to(dtype))
+    return torch.where((code & 8) != 0, -magnitude, magnitude)
 
 
 @dataclass(frozen=True)
@@ -139,9 +156,14 @@ class Mxfp4:
         return (experts, groups * per_group * 2, out)
 
     def decode(self, parts, dtype):
-        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-        return convert_moe_packed_tensors(parts["blocks"], parts["scales"], dtype=dtype)  # [E, in, out]
+        # Plain torch ops (a compiled graph traces it after the gather), computing what transformers'
+        # ``convert_moe_packed_tensors`` does: its FP4_VALUES table entry of each nibble in ``dtype``,
+        # ldexp by the group's exponent, the even input in the low nibble, then [E, out, in] -> [E, in, out].
+        blocks, scales = parts["blocks"], parts["scales"]  # [E, out, G, 16] uint8, [E, out, G] uint8
+        codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [E, out, G, 32], input order
+        values = _e2m1_value(codes, dtype)
+        values = torch.ldexp(values, (scales.to(torch.int32) - _E8M0_BIAS)[..., None]).to(dtype)
+        return values.flatten(-2).transpose(1, 2).contiguous()  # [E, in, out]
 
     def encode(self, weight):
         # weight [E, in, out] -> groups of 32 along `in` of the [E, out, in] matrix

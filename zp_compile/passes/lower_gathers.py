@@ -1,12 +1,14 @@
 """Pass: lower every ``zp_compile::gather_experts`` marker to functional collectives.
 
 marker(shard [S, ...]) -> all_gather_into_tensor [N*S, ...] -> wait_tensor -> narrow to [E, ...]
-or, with a shared-memory exchange (``zp_compile.transport``):
+(float8 shards are viewed as uint8 around the collective: ``ops.all_gather_rows``), or, with a shared-memory exchange (``zp_compile.transport``):
 marker(shard [S, ...]) -> shm_gather [N*S, ...] (a memcpy, no collective) -> narrow to [E, ...]
 
 Markers for the same (layer, slot) are merged first (a module that reads its expert tensor twice must
 not gather it twice). The lowered nodes are placed where the marker was; ``schedule_prefetch`` moves
-them. Each new node (gather, wait, narrow) records its (layer, slot) in ``meta["zp_gather_key"]``.
+them. Each new node (gather, wait, narrow, dtype views) records its (layer, slot) in ``meta["zp_gather_key"]``.
+The marker's value is the stored tensor (quantized values, scales): whatever decodes it is already in
+the graph after the marker, so it comes after the wait.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.fx import Graph
 
 from ..compat import insert_fn_trace_before_node
+from ..ops import all_gather_rows
 from ..sharding import unshard_rows
 from .predicates import expert_gather_key, is_expert_gather_marker
 
@@ -24,8 +27,7 @@ from .predicates import expert_gather_key, is_expert_gather_marker
 def _gather_full(
     shard: torch.Tensor, *, num_experts: int, group_size: int, group_name: str
 ) -> tuple[torch.Tensor]:
-    gathered = torch.ops._c10d_functional.all_gather_into_tensor(shard, group_size, group_name)  # [N*S, ...]
-    gathered = torch.ops._c10d_functional.wait_tensor(gathered)
+    gathered = all_gather_rows(shard, group_size, group_name)  # [N*S, ...], in the stored dtype
     return (unshard_rows(gathered, num_experts),)  # [E, ...]
 
 

@@ -1,7 +1,11 @@
 """Pass: issue each MoE layer's expert gathers ``prefetch`` layers ahead, wait just before first use.
 
 Input: a graph where ``lower_expert_gathers`` has turned every expert-weight use into
-all_gather -> wait -> narrow chains tagged with ``meta["zp_gather_key"] = (layer, slot)``.
+all_gather -> wait -> narrow chains tagged with ``meta["zp_gather_key"] = (layer, slot)`` (a float8
+shard's chain also holds the uint8 views around the collective; they move with the gather and the wait).
+A quantized bank's chains carry the stored tensors (values, scales); the nodes computed from them alone
+(the decoding) are part of the bank, not its readers: a layer is finished when what combines its decoded
+weights with activations has run.
 
 Placement, with gathered MoE layers numbered k = 0, 1, ... in ascending layer order and d = prefetch:
 - wait(k): immediately before the first node that reads layer k's full weights;
@@ -31,7 +35,7 @@ from .predicates import expert_gather_key, is_all_gather, is_compute, is_shm_gat
 
 
 def _chains(graph: Graph) -> dict[int, dict[int, list[Node]]]:
-    """layer -> slot -> [all_gather, wait, narrow...] in graph order."""
+    """layer -> slot -> [(dtype view), all_gather, wait, (dtype view), narrow...] in graph order."""
     chains: dict[int, dict[int, list[Node]]] = defaultdict(lambda: defaultdict(list))
     for node in graph.nodes:
         key = expert_gather_key(node)
@@ -39,9 +43,15 @@ def _chains(graph: Graph) -> dict[int, dict[int, list[Node]]]:
             chains[key[0]][key[1]].append(node)
     for layer, slots in chains.items():
         for slot, nodes in slots.items():
-            if not (is_all_gather(nodes[0]) or is_shm_gather(nodes[0])):
+            if not any(is_all_gather(n) or is_shm_gather(n) for n in nodes):
                 raise RuntimeError(f"expert gather ({layer}, {slot}) is not lowered: run lower_expert_gathers first")
     return chains
+
+
+def _split(nodes: list[Node]) -> tuple[list[Node], list[Node]]:
+    """A chain's nodes up to its gather (what is issued early) and after it (the wait and what reads it)."""
+    i = next(i for i, n in enumerate(nodes) if is_all_gather(n) or is_shm_gather(n))
+    return nodes[: i + 1], nodes[i + 1 :]
 
 
 def _readers(slots: dict[int, list[Node]]) -> list[Node]:
@@ -50,21 +60,30 @@ def _readers(slots: dict[int, list[Node]]) -> list[Node]:
     return [u for n in chain for u in n.users if u not in chain]
 
 
-def _consumers(slots: dict[int, list[Node]]) -> list[Node]:
-    """The non-view nodes that read one layer's full expert weights, directly or through views
-    (transpose, slice...): once all of them ran, the gathered buffers are dead."""
-    found: list[Node] = []
-    todo = _readers(slots)
-    seen = set(todo)
-    while todo:
-        node = todo.pop()
-        if not is_view(node):
-            found.append(node)
+def _inputs_of_graph(graph: Graph) -> set[Node]:
+    """Every node that depends on a graph input (placeholder), directly or not."""
+    found: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def _consumers(slots: dict[int, list[Node]], variable: set[Node]) -> list[Node]:
+    """The nodes that combine one layer's full expert weights with something else (the expert matmuls),
+    reached from the gathers through views (transpose, slice...) and through what is computed from the
+    gathered tensors alone (decoding: FP8 values times their block scales, MXFP4 nibbles, a cast):
+    once all of them ran, the gathered buffers and what was decoded from them are dead. ``variable``:
+    the nodes that depend on a graph input; the others are constants, which decoding may use."""
+    chain = {n for nodes in slots.values() for n in nodes}
+    bank, found = set(chain), []
+    for node in next(iter(chain)).graph.nodes:  # graph order: a node's inputs are classified before it
+        if node in bank or not any(i in bank for i in node.all_input_nodes):
             continue
-        for user in node.users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
+        if is_view(node) or all(i in bank or i not in variable for i in node.all_input_nodes):
+            bank.add(node)
+        else:
+            found.append(node)
     return found
 
 
@@ -102,7 +121,7 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
             if not readers:
                 continue  # dead gather: the graph never reads it; DCE is Inductor's business
             first = min(readers, key=pos.__getitem__)
-            for n in nodes[1:]:
+            for n in _split(nodes)[1]:
                 first.prepend(n)
         readers = _readers(chains[layer])
         if readers:
@@ -112,9 +131,11 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     start = next(n for n in nodes if is_compute(n) and expert_gather_key(n) is None)
+    variable = _inputs_of_graph(graph)
+    consumers = {layer: _consumers(chains[layer], variable) for layer in layers}
     anchor: dict[int, Node] = {}
     for k in range(1, len(layers)):
-        readers = _consumers(chains[layers[k - 1]])
+        readers = consumers[layers[k - 1]]
         found = _after_all(nodes, readers, pos) if readers else None
         anchor[k] = found if found is not None else first_read.get(layers[k], start)
 
@@ -125,17 +146,19 @@ def schedule_expert_prefetch(graph: Graph, prefetch: int = 1) -> None:
             continue  # nothing reads this layer's weights
         # A shared-memory copy is synchronous: issuing it early hides nothing and holds the buffer
         # longer, so it is gather-then-use whatever the prefetch depth.
-        synchronous = any(is_shm_gather(nodes[0]) for nodes in chains[layer].values())
+        synchronous = any(is_shm_gather(n) for nodes in chains[layer].values() for n in nodes)
         if synchronous or prefetch == 0:
-            tails = [nodes[1] if len(nodes) > 1 else first_read[layer] for nodes in chains[layer].values()]
+            tails = [(_split(nodes)[1] or [first_read[layer]])[0] for nodes in chains[layer].values()]
             target = min(tails, key=pos.__getitem__)
-            after = _consumers(chains[layers[k - 1]]) if k >= 1 and not synchronous else []
+            after = consumers[layers[k - 1]] if k >= 1 and not synchronous else []
         else:
             target = anchor[k - prefetch] if k - prefetch >= 1 else start
-            after = _consumers(chains[layers[k - prefetch - 1]]) if k - prefetch >= 1 else []
+            after = consumers[layers[k - prefetch - 1]] if k - prefetch >= 1 else []
         for slot in sorted(chains[layer]):
-            gather = chains[layer][slot][0]
-            target.prepend(gather)
+            issue = _split(chains[layer][slot])[0]
+            for n in issue:
+                target.prepend(n)
+            gather = issue[-1]
             if not synchronous:
                 gather.meta["zp_issue_after"] = after
                 gather.meta["zp_issue_before"] = target
