@@ -207,7 +207,7 @@ def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
         "max_abs_diff": (got - expected)[valid].abs().max().item(),
         "shm_gathers": sum(is_shm_gather(n) for g in graphs for n in g.nodes),
         "collectives": sum(is_all_gather(n) for g in graphs for n in g.nodes),
-        "expected_gathers": sum(len(layer.expert_params) for layer in model.zero_prefill.sharded_layers),
+        "expected_gathers": sum(len(layer.module._zp_gather.slots) for layer in model.zero_prefill.sharded_layers),  # one per stored tensor
         "expert_bytes": model.zero_prefill.expert_bytes,
         "empty_shape": list(empty.shape),
     }

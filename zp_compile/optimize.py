@@ -14,7 +14,7 @@ from torch import nn
 from .backend import INNER_BACKENDS, zero_prefill_backend
 from .devices import collective_device, module_device, process_group_backend, resolve_device
 from .models.discovery import MoELayer, find_moe_layers
-from .models.rewrite import SHARD_SUFFIX, expert_bytes, is_sharded, shard_layer, use_shared_memory
+from .models.rewrite import SHARD_SUFFIX, expert_bytes, gather_stored, is_sharded, shard_layer, use_shared_memory
 from .models.transformers_ep import adopt_transformers_ep, uses_transformers_ep
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,10 @@ def participate_without_tokens(state: ZeroPrefillState) -> None:
     """Take part in one forward's gathers with nothing to compute (a rank with an empty batch).
 
     Issues the same gathers, in the same ascending (layer, slot) order, as a compiled forward, so the
-    other ranks do not wait forever.
+    other ranks do not wait forever; the stored tensors as they are (nothing reads a decoded bank).
     """
     for layer in state.sharded_layers:
-        for name in layer.expert_params:
-            getattr(layer.module, name)
+        gather_stored(layer.module)
 
 
 def _empty_output(model: nn.Module, args: tuple, kwargs: dict):
