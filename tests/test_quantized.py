@@ -502,3 +502,27 @@ def test_planner_takes_bytes_per_weight_from_the_checkpoint(checkpoints, capsys,
         cli.main(["plan", "--model", str(path), "--hardware", "h100-fp8", "--gpus", "4"])
     assert done.value.code == 0
     assert f"at {expected_experts:.5g} byte(s)/weight ({method} checkpoint, scales included" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family, method", [("qwen3_moe", "fp8"), ("gpt_oss", "mxfp4")])
+def test_serve_answers_like_the_dequantized_model(tmp_path, family, method):
+    """``zp-compile serve --model <quantized dir>`` end to end (2 ranks, stored shards gathered as stored,
+    packed steps; GPT-OSS: sliding windows and sinks): every prompt position's logprob equals the model
+    transformers builds from the dequantized weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server_utils import Server
+    from zp_compile.models import tiny_with_tokenizer
+
+    path = tiny_with_tokenizer(family, tmp_path / method, quantization=method, dtype=torch.float32, layers=2, num_experts=4,
+                               max_position_embeddings=256)  # fmt: skip
+    ids = AutoTokenizer.from_pretrained(path).encode("The quick brown fox jumps over the lazy dog, and the dog sleeps")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # transformers dequantizes on CPU
+    with torch.inference_mode():
+        lp = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    with Server(path, "--backend", "aot_eager", "--dtype", "float32") as srv:
+        r = srv.client.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    want = [*lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist(), lp[-1].max().item()]
+    assert got[1:] == pytest.approx(want, abs=FP32_TOL)

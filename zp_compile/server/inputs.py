@@ -26,6 +26,15 @@ class InputChecks:
     def __init__(self, tokenizer, vocab: int, max_model_len: int, max_items: int, model_name: str, labels: list[str]):
         self.tokenizer, self.vocab, self.max_model_len, self.max_items, self.model_name = tokenizer, vocab, max_model_len, max_items, model_name
         self.label_ids = label_token_ids(tokenizer, labels)
+        self._texts: dict[int, str] = {}  # token id -> its text (token_text)
+
+    def token_text(self, token: int) -> str:
+        """One token's text as OpenAI and vLLM show it (``decode([token])``), cached: an ``echo`` answer
+        shows every prompt token (hundreds per request), and the vocabulary is finite."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
 
     def encode(self, inputs, param: str, truncate: int | None) -> list[list[int]]:
         """Token ids of each input (text or ids), checked against the vocabulary and the length limit."""

@@ -128,7 +128,7 @@ async def completions(s: ServerState, body: p.CompletionRequest, request: Reques
     wants = Wants(top=k or 0, sample=sample, prompt=k if echo_logprobs else None)
     outs = await s.submit(request, s.sequences(ids, wants))
     texts = _prompt_texts(body.prompt, ids, s.tokenizer) if body.echo else [""] * len(ids)
-    decode = lambda t: s.tokenizer.decode([t])  # noqa: E731 - one token's text, as OpenAI and vLLM show it
+    decode = s.inputs.token_text
     choices = []
     for i, (x, out, prompt_text) in enumerate(zip(ids, outs, texts)):
         token, lp = out.next
