@@ -18,10 +18,8 @@ one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from .discovery import MoELayer, find_moe_layers
 from .errors import CheckpointError
 from .quantized import Codec, StoredWeight, codec_for, decoded_shapes, stored_weights
 from .rewrite import StoredExperts, StoredPiece, gather_spec, install_shards
+from .safetensors_index import Entry, checkpoint_index
 
 
 @dataclass
@@ -53,21 +52,6 @@ class ParamPlan:
     shape: tuple[int, ...]
     is_expert: bool
     reads: list[Read] = field(default_factory=list)
-
-
-def checkpoint_index(path: Path) -> dict[str, _Entry]:
-    """Every tensor of a safetensors checkpoint directory (one file or an index), from headers only."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (path / "model.safetensors").exists():
-        files = [path / "model.safetensors"]
-    else:
-        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    entries: dict[str, _Entry] = {}
-    for file in files:
-        entries.update(_read_header(file))
-    return entries
 
 
 def plan_reads(model: nn.Module, shapes: dict[str, tuple[int, ...]], expert_params: set[str]) -> dict[str, ParamPlan]:
@@ -150,42 +134,13 @@ def _fix_part_offsets(plan: ParamPlan, shapes: dict[str, tuple[int, ...]]) -> No
             r.offset, offset = offset, offset + shapes[r.key][r.dim - 1]  # per-expert tensor lacks dim 0
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the tensor's data in the file
-
-
-def _read_header(file: Path) -> dict[str, _Entry]:
-    """The safetensors header: 8-byte little-endian length, JSON {key: {dtype, shape, data_offsets}}."""
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    entries = {}
-    for key, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}, which the loader does not read")
-        entries[key] = _Entry(file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + info["data_offsets"][0])
-    return entries
-
-
 class _Reader:
     """Reads byte ranges of safetensors files straight into tensors (``pread``, no memory map), so a
     rank's resident memory holds what it asked for and nothing else: the rows [lo, hi) of a stacked
     expert tensor are one contiguous byte range. A quantized weight's stored tensors are read for the
     same rows and decoded (``codec``) to the dtype asked for."""
 
-    def __init__(self, entries: dict[str, _Entry], codec: Codec | None = None, stored: dict[str, StoredWeight] | None = None) -> None:
+    def __init__(self, entries: dict[str, Entry], codec: Codec | None = None, stored: dict[str, StoredWeight] | None = None) -> None:
         self.entries = entries
         self.codec = codec
         self.stored = stored or {}
@@ -326,7 +281,7 @@ class _Routed:
 
     model: nn.Module
     layers: list[MoELayer]
-    entries: dict[str, _Entry]
+    entries: dict[str, Entry]
     codec: Codec | None
     stored: dict[str, StoredWeight]  # the quantized weights: decoded name -> stored tensors
     plans: dict[str, ParamPlan]
