@@ -3,7 +3,8 @@
     python benchmarks/time_to_ready.py --starts 3 --json benchmarks/results-startup-2rank-cpu.json [-- serve flags]
 
 Each run starts the server as a user would (a new process, the default model unless ``--model`` is
-among the serve flags), polls ``POST /classify`` until it answers 200, reads ``/health``'s start-up
+among the serve flags), polls ``POST /v1/completions`` (one token; any model, no ``--labels`` needed)
+until it answers 200, reads ``/health``'s start-up
 phases (the slowest rank's load, compile, warm-up, threshold; launch; total) and stops it with SIGTERM.
 The first start uses a new, empty ``TORCHINDUCTOR_CACHE_DIR`` (cold); the later ones the same
 directory (warm). The compile caches' hits and misses are rank 0's, from the server's log.
@@ -43,7 +44,7 @@ def start_once(flags: list[str], cache_dir: str, timeout: float) -> dict:
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"no 200 within {timeout} s: {Path(log.name).read_text()[-3000:]}")
             try:
-                if httpx.post(f"http://127.0.0.1:{port}/classify", json={"input": "hello"}, timeout=30).status_code == 200:
+                if httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hello", "max_tokens": 1}, timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
