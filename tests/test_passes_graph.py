@@ -50,7 +50,7 @@ def moe_configs(draw):
     return config
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     config=moe_configs(),
     world_size=st.integers(2, 5),
@@ -109,6 +109,30 @@ def test_dynamic_shapes_keep_the_invariants():
     symbolic = [g for g in graphs if any(isinstance(n.meta.get("val"), torch.SymInt) for n in g.nodes)]
     assert symbolic, "expected a dynamic-shape recompile"
     check_async_ep_graph(symbolic[-1], prefetch=1, layer_of_gather=decoder_layer, expected_gathers=6)
+
+
+def test_routing_sorts_of_a_dynamic_length_are_opaque_to_inductor():
+    """The MoE routing sorts its tokens x top_k expert ids. Where that length is symbolic, the sort is
+    ``zp_compile::sort`` (Inductor's lowering of ``aten.sort`` would guard it below 32,767, then call the
+    same kernel); a static length keeps ``aten.sort``, which a GPU may lower to a kernel."""
+    from transformers import AutoModelForCausalLM
+
+    aten_sorts = (torch.ops.aten.sort.default, torch.ops.aten.sort.stable)
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", layers=3)).eval()
+    with fake_world(2), captured_graphs() as graphs:
+        zp_compile.optimize(model, backend="aot_eager", dynamic=True)
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, 256, (2, 5)))
+    (graph,) = graphs
+    ours = [n for n in graph.nodes if n.target is torch.ops.zp_compile.sort.default]
+    assert len(ours) == 3 and not [n for n in graph.nodes if n.target in aten_sorts]
+    assert all(isinstance(n.args[0].meta["val"].shape[n.args[1]], torch.SymInt) for n in ours)
+    check_async_ep_graph(graph, prefetch=1, layer_of_gather=decoder_layer, expected_gathers=6)
+
+    _, static = compile_and_capture(tiny_config("qwen3_moe", layers=3), 2, 1)
+    assert len([n for n in static.nodes if n.target in aten_sorts]) == 3
+    assert not [n for n in static.nodes if n.target is torch.ops.zp_compile.sort.default]
 
 
 # Quantized checkpoints at sizes with whole and partial 128-blocks; what their gathers move: the stored

@@ -18,6 +18,11 @@
 - ``zp_compile::packed_attention(query, key, value, rows, ranges, scale, window, chunk, sinks)``: one
   packed serving step's attention for one layer (``zp_compile.rank.packed`` implements it and documents
   the layout and the mask rule).
+- ``zp_compile::sort(self, dim, descending, stable)``: ``torch.sort``, opaque to Inductor. The pass
+  ``passes.unguard_dynamic_sorts`` puts it where a sort's length is a dynamic size (the MoE routing's
+  tokens x top-k): Inductor's own lowering of ``aten.sort`` guards that length below 32,767 before it
+  falls back to this same kernel, and the guard recompiles the model at the first step of >= 32,767
+  routed pairs. Implemented here.
 
 The schemas are declared with ``torch.library.define`` so that a module that only needs an op's
 identity (the passes' predicates) imports this leaf module and nothing that implements it.
@@ -35,6 +40,8 @@ _lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - the nam
 _lib.define("shm_gather(Tensor shard, str exchange_id, int layer, int slot) -> Tensor")
 _lib.define("packed_attention(Tensor query, Tensor key, Tensor value, Tensor rows, Tensor ranges, float scale, int window=0, "
             "int chunk=0, Tensor? sinks=None) -> Tensor")
+
+_lib.define("sort(Tensor self, int dim, bool descending, bool stable) -> (Tensor values, Tensor indices)")
 
 SHM_GATHER = f"{OP_NAMESPACE}::shm_gather"
 PACKED_ATTENTION = f"{OP_NAMESPACE}::packed_attention"
@@ -74,3 +81,13 @@ def _(
     shard: torch.Tensor, num_experts: int, group_size: int, group_name: str, layer: int, slot: int, exchange_id: str
 ) -> torch.Tensor:
     return shard.new_empty((num_experts, *shard.shape[1:]))
+
+
+@torch.library.impl(_lib, "sort", "CompositeExplicitAutograd")
+def _sort(x: torch.Tensor, dim: int, descending: bool, stable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.sort(x, dim=dim, descending=descending, stable=stable)
+
+
+@torch.library.register_fake(f"{OP_NAMESPACE}::sort")
+def _(x: torch.Tensor, dim: int, descending: bool, stable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.long)

@@ -216,7 +216,12 @@ def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[Mo
             if state.exchange is None:  # shared memory needs no one's participation
                 participate_without_tokens(state)
             return _empty_output(model, args, kwargs)
-        return compiled(*args, **kwargs)
+        # The model's float attributes (norm epsilons, attention scales) are constants. Under
+        # dynamic=True dynamo would make each a symbol, specialise those an op takes as a float, and then
+        # trace the whole model again ("restarting analysis"): twice the tracing of every compile, ~3-5 s
+        # per start on the 2-core machine even with a warm compile cache.
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
 
     model.forward = zero_prefill_forward
     model.generate = _refuse_generate

@@ -11,6 +11,9 @@ Hugging Face code.
 3. ``schedule_expert_prefetch`` - gathers ``prefetch`` layers ahead, waits just before first use
                               (where the buffer dies follows: after the layer's last reader).
 4. ``pin_gather_order``     - control dependencies so Inductor's scheduler keeps that placement.
+5. ``opaque_dynamic_sorts`` - sorts over a dynamic length call the kernel Inductor would fall back to,
+                              without its guard on the length (one graph for every step size:
+                              ``opaque_sorts.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from torch.fx import Graph
 
 from .lower_gathers import lower_expert_gathers
+from .opaque_sorts import opaque_dynamic_sorts
 from .predicates import is_all_to_all
 from .pin_order import pin_gather_order
 from .schedule_prefetch import schedule_expert_prefetch
@@ -42,6 +46,7 @@ def zero_prefill_passes(prefetch: int) -> list[Callable[[Graph], None]]:
         lower_expert_gathers,
         functools.partial(schedule_expert_prefetch, prefetch=prefetch),
         pin_gather_order,
+        opaque_dynamic_sorts,
     ]
 
 

@@ -24,23 +24,32 @@ each specialisation is another graph to compile while serving.
 The model is called with ``cache=`` (transformers 5.24's name; ``past_key_values`` is a deprecated
 alias until 5.40) and ``use_cache=True``.
 
+One graph for every step: the model's first packed step runs eagerly and records the cache layers'
+key and value shapes; from then on every step's past holds at least one tile (128 keys): the reused
+blocks, then spare zero keys that no row reads, up to a multiple of 128 (so the step's new tokens start
+on a tile of the kernel's block mask). Without them a step with nothing cached would pass an
+uninitialised cache, and dynamo would compile a second graph for it (``cache.layers[0].is_initialized``,
+and a past of size 0). With ``dynamic=True`` the packed forward then compiles once, for every L, P, B.
+
 Lockstep (``transport="collective"``): every compiled graph of the forward gathers every sharded
-layer's experts in the same ascending order whatever its inputs; every non-empty batch passes a cache
-object (P = 0 included: an uninitialised ``DynamicCache``), so which graph a rank runs changes shapes,
-not the gathers. An empty batch still takes ``optimize``'s empty path. With ``dynamic=True`` the packed
-forward compiles 2 graphs, P = 0 and P > 0 (``cache.layers[0].is_initialized``), and then none for
-other L, P, B; ``tests/test_kv_cache.py`` runs 2 gloo ranks where one hits and the other misses (or is
-empty) in the same steps and finds every graph with the same number of gathers.
+layer's experts in the same ascending order whatever its inputs, and so does the eager first step (every
+rank runs the same warm-up, ``rank/warmup.py``). An empty batch still takes ``optimize``'s empty path.
+``tests/test_kv_cache.py`` runs 2 gloo ranks where one hits and the other misses (or is empty) in the
+same steps and finds every graph with the same number of gathers.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
 
 import torch
 
 from ..compat import no_duck_sizing
 from ..contract import BLOCK, Seq
 from ..prefix import PrefixCache, block_hashes, cacheable_blocks, computed_tokens, hash_salt
-from .packed import NAME, full_cache, no_mask, unsupported
+from .packed import NAME, TILE, full_cache, no_mask, unsupported
 from .readouts import PromptTable
 
 
@@ -134,8 +143,15 @@ class RankKVCache:
         inputs, computed, spans = self.assemble(model, seqs, hashes, reuse, pad_id, device)
         # Sizes equal when the warm-up traces (the kept logits and the rows, when no row asks for prompt
         # logprobs) must not be tied together: the first step where they differ would recompile.
-        with no_duck_sizing():
+        learn = model not in _PAST_LAYOUT
+        # The model's first packed step runs eagerly: its cache gives the layers' key and value shapes,
+        # which every later step's spare past keys need (``assemble``), with no graph compiled for a past
+        # of 0 keys.
+        with no_duck_sizing(), (_eagerly() if learn else contextlib.nullcontext()):
             out = model(**inputs, use_cache=True)
+        if learn:
+            _PAST_LAYOUT[model] = [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype)
+                                   for layer in out.cache.layers]  # fmt: skip
 
         def finish(tables: list[PromptTable | None]) -> list[PromptTable | None]:
             made = self._made_tables(seqs, hashes, reuse, tables)
@@ -208,7 +224,9 @@ class RankKVCache:
             rows.append([q0, len(ids), first, len(spans)])
             kept.append((len(keep), len(keep) + (len(ids) - q0 if s.wants.prompt is not None else 1)))
             keep += range(q0, len(ids)) if s.wants.prompt is not None else [len(ids) - 1]
-        P = BLOCK * len(past)
+        held = BLOCK * len(past)  # keys of the reused blocks, at the start of the past
+        layout = _PAST_LAYOUT.get(model)
+        P = held if layout is None else max(TILE, -(-held // TILE) * TILE)  # the past, with its spare keys
         if len(ids) == 1:
             ids, positions = ids + [pad_id], positions + [0]  # a spare token no row reads (L > 1, see above)
         if len(rows) == 1:
@@ -220,14 +238,19 @@ class RankKVCache:
             ranges.append([0, 0])
         cache = full_cache(model.config)  # sliding and chunked layers keep every key too: the kernel masks them
         if P:
-            # Past keys/values per layer: the reused blocks, each once, in order of first use [1, Hkv, P, D].
-            held = [self._kv[h] for h in past]  # insertion order = offset order
-            for layer in range(held[0][0].shape[0]):
-                cache.update(torch.cat([k[layer] for k, _ in held], dim=-2)[None].to(device),
-                             torch.cat([v[layer] for _, v in held], dim=-2)[None].to(device), layer)  # fmt: skip
+            # Past keys/values per layer [1, Hkv, P, D]: the reused blocks, each once, in order of first
+            # use, then the spare keys (zeros, read by no row) up to P.
+            blocks = [self._kv[h] for h in past]  # insertion order = offset order
+            spare = [] if layout is None else _spare_keys(layout, P - held, device)
+            for layer in range(len(spare) or blocks[0][0].shape[0]):
+                keys = [torch.cat([k[layer] for k, _ in blocks], dim=-2)[None].to(device)] if blocks else []
+                values = [torch.cat([v[layer] for _, v in blocks], dim=-2)[None].to(device)] if blocks else []
+                if spare:
+                    keys, values = keys + [spare[layer][0]], values + [spare[layer][1]]
+                cache.update(torch.cat(keys, dim=-2), torch.cat(values, dim=-2), layer)
                 for t in (cache.layers[layer].keys, cache.layers[layer].values):
                     _static(t, 1, 3)  # heads and head dim: model constants, not sizes that vary with the step
-        # P = 0: an empty cache object all the same (see the module docstring on lockstep).
+        # P = 0 (the model's first step only): an empty cache object all the same (lockstep, see above).
         rows_t, ranges_t = torch.tensor(rows, dtype=torch.long), torch.tensor(ranges, dtype=torch.long)
         _static(rows_t, 1)
         _static(ranges_t, 1)
@@ -283,6 +306,29 @@ class RankKVCache:
             if reason := unsupported(model):
                 raise ValueError(reason)
             self._checked = type(model)
+
+
+@contextlib.contextmanager
+def _eagerly():
+    """Run compiled code eagerly, FlexAttention included (for one small step: its warning that the eager
+    kernel materialises the scores is beside the point)."""
+    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+# model -> per cache layer (kv heads, key dim, value dim, dtype), from its first packed step (``run``).
+_PAST_LAYOUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spare_keys(layout: list[tuple[int, int, int, torch.dtype]], n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per cache layer, ``n`` spare keys and values (zeros [1, Hkv, n, D]; one pair per distinct shape)."""
+    made: dict = {}
+    for heads, dk, dv, dtype in layout:
+        if (heads, dk, dv, dtype) not in made:
+            made[heads, dk, dv, dtype] = (torch.zeros((1, heads, n, dk), dtype=dtype, device=device),
+                                          torch.zeros((1, heads, n, dv), dtype=dtype, device=device))  # fmt: skip
+    return [made[shape] for shape in layout]
 
 
 def _static(t: torch.Tensor, *dims: int) -> None:

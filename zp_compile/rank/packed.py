@@ -188,8 +188,10 @@ CPU_KERNEL = "rows"
 
 
 def has_prefix(rows: torch.Tensor, ranges: torch.Tensor, L: int, K: int) -> bool:
-    """Some row reads keys other than its own new tokens: a past, or more key ranges than rows."""
-    return K > L or ranges.shape[0] > rows.shape[0]
+    """Some row reads keys other than its own new tokens: a row of more than one key range (its own new
+    tokens are always its last range). Not ``K > L``: the past may hold keys no row reads (the spare
+    keys ``rank/kv_cache.py`` pads it with). ``rows`` is on the host: no device sync."""
+    return bool((rows[:, 3] - rows[:, 2] > 1).any())
 
 
 def _rows_sdpa(query, key, value, rows: torch.Tensor, ranges: torch.Tensor, scale: float) -> torch.Tensor:

@@ -106,10 +106,9 @@ def largest_step(model, max_tokens: int, vocab: int, spare: int = 0) -> list[lis
 def warm_up_padded(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
     """Compile before serving: batch 1 and batch > 1 are separate graphs (dynamo specialises size 1).
 
-    ``max_tokens``: also run a step of that many tokens (the front end's largest). Inductor guards some
-    lowerings on the token count: its stable sort of the MoE routing (tokens x top_k) takes another
-    path from 32,767 elements on, so the first step of 8,192 tokens x top-4 would otherwise recompile
-    while serving (~20 s on a CPU for the 82M benchmark model, inside a request's latency)."""
+    ``max_tokens``: also run a step of that many tokens (the front end's largest), so that a size guard
+    Inductor might put on the token count is met before serving, not inside a request's latency (as its
+    guard on the MoE routing's sort once did: ``passes/opaque_sorts.py``)."""
     ids = _row(3, 2 * BLOCK, vocab)
     for rows in ([ids, ids[:-5]], [ids]):
         run_step(model, _seqs(rows), device)
@@ -118,30 +117,30 @@ def warm_up_padded(model, device: torch.device, vocab: int, max_tokens: int = 0)
 
 
 def warm_up_packed(model, device: torch.device, vocab: int, max_tokens: int = 0) -> None:
-    """Compile the packed path's graphs before serving: P = 0 and P > 0 (dynamo specialises size 0),
-    and steps of ``max_tokens`` new tokens (``warm_up_padded`` says why). The same steps compile the
-    packed attention kernel (``packed._compiled_flex``) for every layer kind of the model. Uses a scratch cache, so the
-    serving cache starts empty as the front end's view does.
+    """Compile the packed path before serving: ONE graph of the model for every step, and the packed
+    attention kernel (``packed._compiled_flex``) for rows with and without prefixes, for every layer kind
+    of the model. Uses scratch caches, so the serving cache starts empty as the front end's view does.
 
-    Dynamo gives sizes equal at trace time one symbol (duck sizing), and the graph is then recompiled
-    the first time they differ: the warm-up steps keep the sizes that vary apart (L new tokens, P past
-    tokens, B rows, R key ranges); the model's own sizes in the inputs (the past's heads and head dim,
-    the columns of rows and ranges) are compiled as constants (``kv_cache._static``)."""
+    The model's first packed step runs eagerly (``RankKVCache.run``: it learns the cache layers' shapes);
+    every later one has a past of at least one tile, spare keys included, so no graph is compiled for a
+    past of 0 keys (dynamo specialises size 0). Sizes that could be 1 are padded to 2 (``assemble``). The
+    model's own sizes in the inputs (the past's heads and head dim, the columns of rows and ranges) are
+    compiled as constants (``kv_cache._static``), and duck sizing is off in the forward, so a step's L new
+    tokens, P past keys, B rows and R key ranges are free symbols, whatever their values here.
+
+    ``max_tokens``: also run a step of that many new tokens (the front end's largest), so that a size
+    guard Inductor might put on the step's length is met before serving, not inside a request's latency
+    (its guard on the MoE routing's sort is gone: ``passes/opaque_sorts.py``)."""
     scratch = RankKVCache(16 * BLOCK)
     a, b, c, d, e, f = (_row(3 + 11 * i, 50, vocab) for i in range(6))
-    # P = 0: B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 192.
+    run_step(model, _seqs([a[:48], b[:48]]), device, scratch)  # eager: the cache layers' shapes
+    # B 5, R 6 (a[:43] reuses a's first 2 blocks in the step), L 192; caches a's and b's first 2 blocks.
     run_step(model, _seqs([a[:48], a[:43], b[:48], c[:40], d[:45]]), device, scratch)
-    # P = 64 (a's and b's first 2 blocks), B 5, R 8, L 104.
+    # Reused past blocks (a's and b's), B 5, R 8, L 104.
     run_step(model, _seqs([a[:40], b[:45], e, e[:35], f[:30]]), device, scratch)
-    # No row reads a prefix (the kernel's cheaper mask), P = 0: R = B, now that the graph has them apart.
+    # No row reads a prefix (the kernel's cheaper mask): R = B.
     run_step(model, _seqs([a[:46], b[:40], c[:40]]), device, RankKVCache(0))
     if rows := largest_step(model, max_tokens, vocab, spare=64):
-        # L = max_tokens + 1 (past Inductor's guard whenever max_tokens is), with P = 0, then P > 0. One
-        # extra row reads another's first block(s), so R != B, as in serving steps with shared prefixes.
-        B = len(rows) + 1
-        scratch = RankKVCache(16 * BLOCK)  # empty: none of these rows may reuse the blocks above
-        run_step(model, _seqs(rows + [rows[0][:BLOCK] + [7]]), device, scratch)  # R = B + 1
-        P = next(p for p in (48, 64, 80) if p not in (B, 2 * B))
-        base = _row(900, P + 1, vocab)
-        run_step(model, _seqs([base]), device, scratch)  # caches base's P // 16 blocks, inserted last
-        run_step(model, _seqs([base[:P] + r for r in rows + [[9]]]), device, scratch)  # R = 2B
+        # L = max_tokens + 1; one extra row reads another's first block(s), so R != B, as in serving
+        # steps with shared prefixes.
+        run_step(model, _seqs(rows + [rows[0][:BLOCK] + [7]]), device, RankKVCache(16 * BLOCK))

@@ -153,8 +153,4 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.enable()
     # And on SIGUSR1 (sent before the front end kills a hung rank): every thread's stack, then run on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    # The model's Python floats (norm eps, exponents) traced as constants from the start: traced as
-    # symbols (dynamic=True's default), each was specialised when the graph was lowered and Dynamo restarted
-    # the frame's analysis, ~3-5 s more per start on the 2-core machine even with a warm compile cache.
-    with torch._dynamo.config.patch(specialize_float=True):
-        serve(parser.parse_args(argv).frontend)
+    serve(parser.parse_args(argv).frontend)
