@@ -34,17 +34,9 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
 # of CPU importing torch and transformers, and the suite starts over a hundred ranks. The server only
 # imports (no thread pool, no process group, no compile), so what each rank forks is a clean interpreter
 # with its modules loaded; everything else a rank does starts fresh in it, as under "spawn".
-_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "transformers", "transformers.models.auto.modeling_auto",
-            "zp_compile", "zp_compile.optimize", "workers"]  # fmt: skip
-_forkserver_ready = False
-
-
-def _start_method() -> str:
-    global _forkserver_ready
-    if not _forkserver_ready:
-        multiprocessing.set_forkserver_preload(_PRELOAD)
-        _forkserver_ready = True
-    return "forkserver"
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "transformers",
+                                        "transformers.models.auto.modeling_auto", "zp_compile", "zp_compile.optimize",
+                                        "workers"])  # fmt: skip
 
 
 def run_ranks(world_size: int, fn, *args) -> list:
@@ -52,7 +44,7 @@ def run_ranks(world_size: int, fn, *args) -> list:
     with tempfile.TemporaryDirectory(prefix="zp-ranks-") as tmp:
         init_file = os.path.join(tmp, "init")
         mp.start_processes(
-            _entry, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True, start_method=_start_method()
+            _entry, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True, start_method="forkserver"
         )
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]
 

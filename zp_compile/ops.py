@@ -19,7 +19,7 @@
   packed serving step's attention for one layer (``zp_compile.rank.packed`` implements it and documents
   the layout and the mask rule).
 - ``zp_compile::sort(self, dim, descending, stable)``: ``torch.sort``, opaque to Inductor. The pass
-  ``passes.unguard_dynamic_sorts`` puts it where a sort's length is a dynamic size (the MoE routing's
+  ``passes.opaque_sorts.opaque_dynamic_sorts`` puts it where a sort's length is a dynamic size (the MoE routing's
   tokens x top-k): Inductor's own lowering of ``aten.sort`` guards that length below 32,767 before it
   falls back to this same kernel, and the guard recompiles the model at the first step of >= 32,767
   routed pairs. Implemented here.

@@ -170,7 +170,7 @@ class _StepMasks:
             self._layouts[spare] = tuple(to_device(t, device) for t in step_layout(rows.tolist(), ranges.tolist(), L, K, spare))
         layout = self._layouts[spare]
         if (window, chunk, sink) not in self._masks:
-            prefixed = has_prefix(rows, ranges, L, K)
+            prefixed = has_prefix(rows)
             tables = block_tables(*layout, L, window, chunk, sink)
             sink_at = layout[0].new_full((), K)  # on the device, from a device tensor: no copy
             self._masks[window, chunk, sink] = StepMask(*layout, *tables, prefixed, sink_at)
@@ -187,7 +187,7 @@ _STEP = _StepMasks()
 CPU_KERNEL = "rows"
 
 
-def has_prefix(rows: torch.Tensor, ranges: torch.Tensor, L: int, K: int) -> bool:
+def has_prefix(rows: torch.Tensor) -> bool:
     """Some row reads keys other than its own new tokens: a row of more than one key range (its own new
     tokens are always its last range). Not ``K > L``: the past may hold keys no row reads (the spare
     keys ``rank/kv_cache.py`` pads it with). ``rows`` is on the host: no device sync."""
