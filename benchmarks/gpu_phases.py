@@ -98,8 +98,12 @@ def asyncep(build_config, build_model, config_args, device, seqs: int, context: 
         torch._dynamo.reset()
 
 
-def packed(device, tokens: int, rows: list[int], prefix: int, heads: tuple[int, int], head_dim: int, reps: int) -> dict:
-    """packed_attention.py's cases on ``device``: FlexAttention, the loop it replaced, one padded SDPA."""
+def packed(device, tokens: int, rows: list[int], prefix: int, heads: tuple[int, int], head_dim: int, reps: int, eager: bool = False) -> dict:
+    """packed_attention.py's cases on ``device``: FlexAttention, the loop it replaced, one padded SDPA.
+    ``eager`` (the CPU dry run): FlexAttention uncompiled. Its CPU compile is Inductor's C++ template, not
+    the GPU's Triton kernel, and the test suite compiles it already (tests/test_packed.py)."""
+    import contextlib
+
     import torch
 
     from packed_attention import layout, padded_sdpa, row_loop, timed
@@ -109,8 +113,8 @@ def packed(device, tokens: int, rows: list[int], prefix: int, heads: tuple[int, 
     scale = head_dim**-0.5
     g = torch.Generator().manual_seed(0)
     out = []
-    for p in (0, prefix):
-        for n_rows in rows:
+    with kernel.eagerly() if eager else contextlib.nullcontext():
+        for p, n_rows in [(p, n) for p in (0, prefix) for n in rows]:
             q = torch.randn(1, H, tokens, head_dim, generator=g).to(device, torch.bfloat16)
             k = torch.randn(1, Hkv, p + tokens, head_dim, generator=g).to(device, torch.bfloat16)
             v = torch.randn(1, Hkv, p + tokens, head_dim, generator=g).to(device, torch.bfloat16)

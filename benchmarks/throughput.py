@@ -298,6 +298,8 @@ def main() -> None:
         if rank == 0:
             for r, rep in enumerate(reports):
                 print(f"rank {r}: " + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in rep.items()), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"world_size": world, "quantization": args.quantization, "load_memory": reports}, indent=1))
         dist.destroy_process_group()
         return
     tokens_list = parse_tokens(args.tokens, lambda: bf16_t_star(path_of(None), args.context))

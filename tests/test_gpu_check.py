@@ -1,8 +1,8 @@
 """The GPU check's dry run: the same code paths as on an H200 (numerics, the per-rank sweep against eager
 and stock torch.compile, AsyncEP on one device through a simulated world of 8, packed attention), on CPU
 with tiny shapes, so that the script cannot rot between the sessions that have a GPU. The model graphs
-run through aot_eager here (Inductor's CPU compiles of them are the rest of the suite's; the packed
-attention kernel is compiled by Inductor all the same)."""
+run through aot_eager here and FlexAttention uncompiled: Inductor's CPU compiles of them are the rest of
+the suite's (tests/test_packed.py for the kernel), and none is the GPU's."""
 
 from __future__ import annotations
 

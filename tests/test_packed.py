@@ -124,6 +124,34 @@ def test_sliding_and_chunked_families_run_packed_with_prefix_reuse(checkpoints, 
     assert reuse[0] == [0, 32, 0] and reuse[1][0] == 48 and reuse[1][1] == 64
 
 
+def test_each_layer_reads_the_mask_rule_enable_gave_it(checkpoints, monkeypatch):
+    """``enable`` gives every attention layer its (window, chunk) once; a step reads it from the module.
+    Deriving it from the config at every call made dynamo trace transformers' walk over all layer types
+    in every layer: quadratic in depth, half the trace of a 12-layer model."""
+    import transformers.cache_utils as cache_utils
+    from transformers import AutoModelForCausalLM
+
+    import zp_compile
+
+    walks = []
+    real = cache_utils.get_layer_types_and_kwargs
+    monkeypatch.setattr(cache_utils, "get_layer_types_and_kwargs", lambda *a, **k: walks.append(1) or real(*a, **k))
+
+    def walks_in_one_step(layers: int) -> int:
+        model = AutoModelForCausalLM.from_pretrained(checkpoints("gpt_oss", layers=layers)).eval()
+        window = model.config.sliding_window
+        model = zp_compile.optimize(model, backend="eager")
+        packed.enable(model)
+        rules = [getattr(layer.self_attn, packed.RULE) for layer in model.model.layers]
+        assert rules == packed.layer_rules(model.config) == [(window, 0), (0, 0)] * (layers // 2)
+        walks.clear()
+        with torch.inference_mode():
+            RankKVCache(0).forward(model, [Seq(_prompt(1, 20), Wants(top=1))], 0, CPU)
+        return len(walks)
+
+    assert walks_in_one_step(2) == walks_in_one_step(4)  # per step (its cache), never per layer
+
+
 def test_layers_the_kernel_does_not_cover_are_refused():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -41,7 +41,6 @@ same steps and finds every graph with the same number of gathers.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 
 import torch
@@ -49,7 +48,7 @@ import torch
 from ..compat import no_duck_sizing
 from ..contract import BLOCK, Seq
 from ..prefix import PrefixCache, block_hashes, cacheable_blocks, computed_tokens, hash_salt
-from .packed import NAME, TILE, full_cache, no_mask, unsupported
+from .packed import NAME, TILE, eagerly, full_cache, no_mask, unsupported
 from .readouts import PromptTable
 
 
@@ -147,7 +146,7 @@ class RankKVCache:
         # The model's first packed step runs eagerly: its cache gives the layers' key and value shapes,
         # which every later step's spare past keys need (``assemble``), with no graph compiled for a past
         # of 0 keys.
-        with no_duck_sizing(), (_eagerly() if learn else contextlib.nullcontext()):
+        with no_duck_sizing(), (eagerly() if learn else contextlib.nullcontext()):
             out = model(**inputs, use_cache=True)
         if learn:
             _PAST_LAYOUT[model] = [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3], layer.keys.dtype)
@@ -306,15 +305,6 @@ class RankKVCache:
             if reason := unsupported(model):
                 raise ValueError(reason)
             self._checked = type(model)
-
-
-@contextlib.contextmanager
-def _eagerly():
-    """Run compiled code eagerly, FlexAttention included (for one small step: its warning that the eager
-    kernel materialises the scores is beside the point)."""
-    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        yield
 
 
 # model -> per cache layer (kv heads, key dim, value dim, dtype), from its first packed step (``run``).

@@ -45,7 +45,9 @@ without ``zp_rows`` (padded batches with a 2-D mask) still run transformers' SDP
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -264,6 +266,15 @@ def _compiled_flex():
     return torch.compile(_flex_packed, dynamic=True, fullgraph=True)
 
 
+@contextlib.contextmanager
+def eagerly():
+    """Run compiled code eagerly, FlexAttention included (a small step that must not compile: its warning
+    that the eager kernel materialises the scores is beside the point)."""
+    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
 # The op's schema is declared in zp_compile/ops.py with the project's other custom ops.
 @torch.library.impl(PACKED_ATTENTION, "CompositeExplicitAutograd")
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, ranges: torch.Tensor,
@@ -295,15 +306,20 @@ def _(query, key, value, rows, ranges, scale, window=0, chunk=0, sinks=None):
 
 
 # ---- the model side ---------------------------------------------------------------------------------------
-def layer_rule(module) -> tuple[int, int]:
-    """(window, chunk) of the attention layer ``module``: its config's layer type (transformers'
+RULE = "_zp_rule"  # (window, chunk) of an attention module, set by ``enable``
+
+
+def layer_rules(config) -> list[tuple[int, int]]:
+    """(window, chunk) of every layer, by index: its config's layer type (transformers'
     ``get_layer_types_and_kwargs``, as the cache layers are built), 0 for what it does not have."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    config = module.config.get_text_config()
-    types, kwargs = get_layer_types_and_kwargs(config)
-    kind, size = types[module.layer_idx], kwargs[module.layer_idx].get("sliding_window", 0)
-    return (size, 0) if kind == "sliding_attention" else (0, size) if kind == "chunked_attention" else (0, 0)
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config())
+    rules = []
+    for kind, layer_kwargs in zip(types, kwargs):
+        size = layer_kwargs.get("sliding_window", 0)
+        rules.append((size, 0) if kind == "sliding_attention" else (0, size) if kind == "chunked_attention" else (0, 0))
+    return rules
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -317,7 +333,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"packed attention does not support softcap ({type(module).__name__}); serve this model with padded batches")
-    window, chunk = layer_rule(module)
+    # Read from the module, set once by ``enable``: deriving it here would make dynamo trace transformers'
+    # walk over every layer's type in every layer (quadratic in depth: half the trace of a 12-layer model).
+    window, chunk = getattr(module, RULE)
     if kwargs.get("sliding_window"):
         window = kwargs["sliding_window"]  # the module's own word wins (GPT-OSS passes it)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -352,13 +370,17 @@ def full_cache(config):
 
 
 def enable(model) -> None:
-    """Register ``zp_packed`` (attention and, for padded calls, sdpa's mask) and switch ``model`` to it.
-    Call before the model's first forward: the compiled graph reads the implementation when traced."""
+    """Register ``zp_packed`` (attention and, for padded calls, sdpa's mask), give each layer's attention
+    its mask rule (``layer_rules``) and switch ``model`` to it. Call before the model's first forward: the compiled graph reads the implementation when traced."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    rules = layer_rules(model.config)
+    for module in model.modules():  # the attention modules (and any other module that knows its layer)
+        if isinstance(getattr(module, "layer_idx", None), int) and 0 <= module.layer_idx < len(rules):
+            setattr(module, RULE, rules[module.layer_idx])
     model.set_attn_implementation(NAME)
 
 
