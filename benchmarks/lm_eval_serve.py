@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--backend", default="inductor", help="the server's compile backend")
     parser.add_argument("--policy", default="zero_prefill")
+    parser.add_argument("--fill", default="threshold", choices=["threshold", "queue"], help="the server's --fill")
     parser.add_argument("--policies", nargs="+", default=["fifo", "round_robin", "least_flops", "cache_aware", "zero_prefill"],
                         help="the replay's policies")  # fmt: skip
     parser.add_argument("--cache-tokens", type=int, default=8192)
@@ -163,7 +164,7 @@ def main() -> None:
     T = args.threshold_tokens / 512 * flops_per_request(spec_from_config(AutoConfig.from_pretrained(ckpt)), 512) if args.threshold_tokens else None
     flags = lambda policy: ["--served-model-name", "m", "--nproc", str(args.nproc), "--policy", policy, "--cache-tokens", str(args.cache_tokens),  # noqa: E731
                             "--backend", args.backend, "--max-waiting", "100000", "--log-level", "warning", "--labels", " yes", " no",
-                            *(["--threshold-flops", str(T)] if T else [])]  # fmt: skip
+                            "--fill", args.fill, *(["--threshold-flops", str(T)] if T else [])]  # fmt: skip
     bodies = request_bodies(tasks, "m", "http://unused/v1/completions", str(ckpt))
     prompt_tokens = sum(len(b["prompt"][0]) for b in bodies)
     questions = args.subjects * args.questions_per_subject
@@ -179,7 +180,7 @@ def main() -> None:
                                                           f"tokenizer_backend=huggingface,num_concurrent={args.num_concurrent},max_length=1024")  # fmt: skip
             hits = prefix_hits(srv.client) - before
         result["served"] = {"seconds": served["seconds"], "acc": served["acc"], "tokens_per_s": prompt_tokens / served["seconds"],
-                            "prefix_hit_rate": hits / prompt_tokens, "policy": args.policy}  # fmt: skip
+                            "prefix_hit_rate": hits / prompt_tokens, "policy": args.policy, "fill": args.fill}  # fmt: skip
         print(f"served ({args.nproc} ranks, {args.policy}, lm-eval local-completions, {args.num_concurrent} concurrent): "
               f"{served['seconds']:.1f} s, {prompt_tokens / served['seconds']:,.0f} prompt tok/s, acc {served['acc']:.4f}, "
               f"prefix hit rate {hits / prompt_tokens:.3f}", flush=True)  # fmt: skip

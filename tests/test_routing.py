@@ -17,7 +17,7 @@ from zp_compile.prefix import BLOCK, PrefixCache, block_hashes, cache_tokens_for
 from zp_compile.server.policies import BoundedPrefix, RankView, RoundRobin, cache_aware, least_flops, make_policy
 from zp_compile.server.replay import replay
 from zp_compile.server.routing import RouterSettings, ThresholdScheduler
-from zp_compile.server.scheduler import Sequence
+from zp_compile.server.scheduler import STEPS_IN_FLIGHT, Sequence
 
 # The planner's hand-counted toy (tests/test_planner.py): 856 active parameters per token, attention
 # 2 * heads * (qk + v) = 32 FLOPs per key per layer over 2 layers, lm_head 2 * 8 * 10 = 160.
@@ -259,6 +259,52 @@ def test_heavy_load_fills_every_rank_to_T_within_the_budgets():
         ran += [s for b in batches for s in b]
     assert sorted(map(id, ran)) == sorted(map(id, seqs))  # each sequence exactly once
     assert steps > 10 and held <= 1 and below <= 1  # only the tail may wait, and run, under T
+
+
+def test_fill_queue_runs_a_deep_queue_in_fewer_larger_steps():
+    """fill="queue": a rank's step is the larger of T and its share of the waiting work over the steps in
+    flight. 300 queued sequences then run in a few large steps (each sequence once, every rank at least
+    at the target while work is left); with fill="threshold" each step stops at T."""
+    T = flops_per_request(TOY, 120)
+
+    def run(fill: str) -> tuple[int, list[float]]:
+        rng = random.Random(0)
+        clock = Clock()
+        settings = RouterSettings(T, max_tokens=8192, max_seqs=256, max_wait_ms=10.0, policy="least_flops", fill=fill)
+        sched = ThresholdScheduler(3, TOY, settings, clock)
+        seqs = [seq(rng.randrange(10) for _ in range(rng.randrange(20, 90))) for _ in range(300)]
+        sched.add(seqs)
+        total = sched.waiting_flops()
+        ran, targets = [], []
+        while sched.waiting():
+            batches = sched.next_step()
+            if not any(batches):
+                clock.t += sched.wake_in()
+                continue
+            targets.append(sched.target)
+            if sched.waiting():
+                assert min(sched.last_step.flops) >= sched.target >= T
+            ran += [s for b in batches for s in b]
+        assert sorted(map(id, ran)) == sorted(map(id, seqs))
+        return len(targets), targets, total
+
+    steps_at_t, targets_at_t, _ = run("threshold")
+    steps, targets, total = run("queue")
+    assert set(targets_at_t) == {T}
+    assert targets[0] == pytest.approx(total / (3 * STEPS_IN_FLIGHT))  # the first step: a share of everything
+    assert steps * 3 < steps_at_t  # 6 steps against 24
+
+
+def test_fill_queue_under_light_load_gives_the_steps_of_fill_threshold():
+    T = flops_per_request(TOY, 1000)
+    out = []
+    for fill in ("threshold", "queue"):
+        sched = ThresholdScheduler(2, TOY, RouterSettings(T, max_tokens=256, max_wait_ms=0.0, fill=fill), Clock())
+        seqs = [seq(range(i, i + 40)) for i in range(5)]
+        sched.add(seqs)
+        out.append([[seqs.index(s) for s in b] for b in sched.next_step()])
+        assert sched.target == T  # the waiting work is under T per rank: T
+    assert out[0] == out[1]
 
 
 def test_a_sequence_over_the_token_budget_is_passed_over_for_one_step_not_starved():

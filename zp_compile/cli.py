@@ -126,6 +126,7 @@ def format_plan(p: planning.Plan, timing: calibrate.ForwardTiming | None = None,
 def _add_serve(sub) -> None:
     from .contract import TRANSPORTS
     from .optimize import BACKENDS
+    from .server.routing import FILLS
     from .server.settings import DTYPES, ON_WORKER_FAILURE, SCHEDULING, ServeSettings
 
     d = ServeSettings(model="", model_name="")
@@ -175,6 +176,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens,
                    help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
+    p.add_argument("--fill", choices=FILLS, default=d.fill,
+                   help="with a routing policy, what each rank's step is filled to: threshold: T (the lowest latency); queue: the "
+                   "larger of T and the rank's share of the waiting work, so a deep queue runs in fewer, larger steps "
+                   "(throughput) (default %(default)s)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("ZP_API_KEY"), help="require 'Authorization: Bearer KEY' on all but /health (env ZP_API_KEY)")
     p.add_argument("--external-ranks", action="store_true",
                    help="do not start ranks: wait for --nproc ranks started by torchrun (any hosts) to join on --worker-port")  # fmt: skip

@@ -34,12 +34,11 @@ from .inputs import InputChecks
 from .metrics import Metrics
 from .ranks import RankFailure, Ranks, RankTimeout, format_phases
 from .routing import StepInfo, ThresholdScheduler
-from .scheduler import FifoScheduler, Scheduler, Sequence
+from .scheduler import STEPS_IN_FLIGHT, FifoScheduler, Scheduler, Sequence
 from .settings import ServeSettings, router_settings
 
 log = logging.getLogger("zp_compile.server")
 
-PIPELINE_DEPTH = 2  # steps in flight: one running on the ranks, the next waiting in their sockets
 MAX_RETRIES = 1  # times a sequence whose step failed runs again on restarted ranks; then it is answered 503
 # Restarts in a row whose ranks failed before answering one step (a step that always times out, a rank that
 # dies on every start) beyond which the server exits instead of restarting again.
@@ -144,7 +143,7 @@ class ServerState:
             asyncio.get_running_loop().call_later(wait, self.work.set)
 
     async def step_loop(self) -> None:
-        """Keep up to ``PIPELINE_DEPTH`` steps in flight: the next step is scheduled and sent while one
+        """Keep up to ``STEPS_IN_FLIGHT`` steps in flight: the next step is scheduled and sent while one
         runs, so it waits in the ranks' sockets and a rank starts it the moment it has answered the
         last one (no round trip through the front end between steps). Steps are answered in order."""
         loop = asyncio.get_running_loop()
@@ -154,7 +153,7 @@ class ServerState:
                 self.work.clear()
                 if self.status != "ready":
                     continue
-            if len(self.steps_in_flight) < PIPELINE_DEPTH and self.status == "ready":
+            if len(self.steps_in_flight) < STEPS_IN_FLIGHT and self.status == "ready":
                 batches = self.scheduler.next_step()
                 if any(batches):
                     try:

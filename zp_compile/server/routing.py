@@ -32,7 +32,9 @@ from ..costmodel.flops import flops_per_request
 from ..costmodel.spec import ModelSpec
 from ..prefix import PrefixCache, block_hashes, cacheable_blocks, computed_tokens, hash_salt
 from .policies import POLICIES, RankView, make_policy
-from .scheduler import Sequence
+from .scheduler import STEPS_IN_FLIGHT, Sequence
+
+FILLS = ("threshold", "queue")  # --fill
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,11 @@ class RouterSettings:
     max_wait_ms: longest a step is held back waiting for more work while every rank is under T.
     cache_tokens: each rank's prefix-cache budget in tokens (``prefix.cache_tokens_for_bytes`` from
         bytes); 0: nothing kept between steps (KV-cache-free ranks; a step's sequences still share).
-    policy / balance_bound: the routing policy; zero_prefill's bound in units of T."""
+    policy / balance_bound: the routing policy; zero_prefill's bound in units of T.
+    fill: what a rank's step is filled to. "threshold": T (the shortest steps that hide the gathers: the
+        lowest latency). "queue": the larger of T and the rank's share of all the work waiting, split over
+        the ``steps_in_flight`` steps the engine keeps in flight: under a deep queue, fewer and larger
+        steps (the highest throughput); under light load the same steps as "threshold"."""
 
     threshold_flops: float
     max_tokens: int = 8192
@@ -52,6 +58,8 @@ class RouterSettings:
     cache_tokens: int = 0
     policy: str = "zero_prefill"
     balance_bound: float = 1.0
+    fill: str = "threshold"
+    steps_in_flight: int = STEPS_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if not self.threshold_flops > 0:
@@ -63,6 +71,10 @@ class RouterSettings:
                              f"balance_bound ({self.balance_bound}) must be >= 0")  # fmt: skip
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.fill not in FILLS:
+            raise ValueError(f"unknown fill {self.fill!r}; known: {', '.join(FILLS)}")
+        if self.steps_in_flight < 1:
+            raise ValueError(f"steps_in_flight must be >= 1, got {self.steps_in_flight}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +110,9 @@ class _Fill:
 
     @property
     def full(self) -> bool:
-        """At T, at the sequence budget, or at the token budget."""
+        """At the step's target (T, or more under ``fill="queue"``), the sequence budget or the token budget."""
         s = self.sched.settings
-        return self.flops >= s.threshold_flops or len(self.batch) >= s.max_seqs or self.tokens >= s.max_tokens
+        return self.flops >= self.sched.target or len(self.batch) >= s.max_seqs or self.tokens >= s.max_tokens
 
     def reuse(self, s: Sequence) -> int:
         """Blocks ``s`` would reuse as the next row of this batch (``PrefixCache.reuse``: the rank's cache
@@ -153,18 +165,19 @@ class ThresholdScheduler:
     front end's prefix-cache views and admission by the saturation threshold.
 
     Each ``next_step``:
-    1. Every rank takes its own queue in arrival order until its FLOPs reach T or a budget (sequences,
-       tokens computed). A sequence that would push the rank over its token budget is passed over for
-       this step and later ones may still fit; the head of every queue always runs, so a passed-over
-       sequence runs at the latest once all older ones have: it can be overtaken, never starved. A step
-       runs packed, so a sequence costs its true FLOPs whatever it is batched with, and a sequence
-       whose prefix an earlier row of the batch contains reuses it in the same step (a group's first
-       prompt and its followers run together; ``server/packed.py``).
-    2. Balancing: each rank still under T, lowest FLOPs first, takes the oldest sequences left over on
-       other ranks (those their own rank could not run this step), skipping any that do not fit, until
-       it reaches T. A moved sequence reuses what its new rank holds (often nothing): balancing only
-       takes work its own rank would have left for a later step, so it never delays that rank. Moves
-       here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
+    1. Every rank takes its own queue in arrival order until its FLOPs reach the step's target (T; with
+       ``fill="queue"`` the larger of T and the rank's share of the waiting work) or a budget
+       (sequences, tokens computed). A sequence that would push the rank over its token budget is passed
+       over for this step and later ones may still fit; the head of every queue always runs, so a
+       passed-over sequence runs at the latest once all older ones have: it can be overtaken, never
+       starved. A step runs packed, so a sequence costs its true FLOPs whatever it is batched with, and
+       a sequence whose prefix an earlier row of the batch contains reuses it in the same step (a
+       group's first prompt and its followers run together; ``server/packed.py``).
+    2. Balancing: each rank still under the target, lowest FLOPs first, takes the oldest sequences left
+       over on other ranks (those their own rank could not run this step), skipping any that do not
+       fit, until it reaches the target. A moved sequence reuses what its new rank holds (often
+       nothing): balancing only takes work its own rank would have left for a later step, so it never
+       delays that rank. Moves here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
        where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a miss that computes its
        shared prefix again, which costs hit rate and cache space for little time.
     3. Hold: if the busiest rank is under T, no rank is full by (or refused a sequence for) its token or
@@ -204,6 +217,7 @@ class ThresholdScheduler:
         self._running_tokens = [0] * ranks
         self._held_until: float | None = None
         self.last_step: StepInfo | None = None
+        self.target = settings.threshold_flops  # what each rank's step is filled to (``next_step``)
 
     def _work(self, s: Sequence, reused: int) -> tuple[int, float]:
         """The tokens ``s`` computes after reusing ``reused`` (``prefix.computed_tokens``) and their FLOPs:
@@ -242,6 +256,10 @@ class ThresholdScheduler:
     def waiting(self) -> int:
         return len(self._since)
 
+    def waiting_flops(self) -> float:
+        """The FLOPs of every queued sequence, as estimated when it was routed."""
+        return sum(self._queued_flops)
+
     def next_step(self) -> list[list[Sequence]]:
         now = self.clock()
         R, T = self.ranks, self.settings.threshold_flops
@@ -249,6 +267,9 @@ class ThresholdScheduler:
         self._held_until, self.last_step = None, None
         if not self._since:
             return [[] for _ in range(R)]
+        self.target = T
+        if self.settings.fill == "queue":  # the waiting work's FLOPs (estimated at routing), shared out
+            self.target = max(T, self.waiting_flops() / (R * self.settings.steps_in_flight))
         fills, left = [], []
         for r in range(R):
             fills.append(_Fill(self, r))

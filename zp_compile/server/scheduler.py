@@ -20,6 +20,7 @@ from typing import Protocol
 from ..contract import BLOCK, Seq, Wants
 
 FIFO = "fifo"  # --policy: first come, first served
+STEPS_IN_FLIGHT = 2  # the engine's pipeline: one step running on the ranks, the next waiting in their sockets
 
 
 @dataclass(eq=False)  # identity semantics: two equal prompts are still two sequences

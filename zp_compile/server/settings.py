@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..contract import TRANSPORTS, RankSettings
 from .policies import POLICIES
-from .routing import RouterSettings
+from .routing import FILLS, RouterSettings
 from .scheduler import FIFO
 
 SCHEDULING = (FIFO, *POLICIES)  # --policy
@@ -49,6 +49,7 @@ class ServeSettings:
     policy: str = FIFO
     threshold_flops: float | None = None  # T per rank per step; None: measured by the ranks at start-up
     max_wait_ms: float = 50.0  # the longest a step is held back for more work while every rank is under T
+    fill: str = "threshold"  # routed steps: filled to T, or to a share of the waiting work (routing.RouterSettings)
     cache_tokens: int = 0  # each rank's prefix KV cache budget in tokens, mirrored by the router's view
     # HTTP
     host: str = "127.0.0.1"
@@ -62,7 +63,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name, value, known in (("policy", self.policy, SCHEDULING), ("transport", self.transport, TRANSPORTS),
-                                   ("on_worker_failure", self.on_worker_failure, ON_WORKER_FAILURE)):  # fmt: skip
+                                   ("on_worker_failure", self.on_worker_failure, ON_WORKER_FAILURE), ("fill", self.fill, FILLS)):  # fmt: skip
             if value not in known:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(known)}")
         if self.nproc < 1:
@@ -96,4 +97,4 @@ def rank_settings(s: ServeSettings, data_address: str) -> RankSettings:
 
 def router_settings(s: ServeSettings, threshold_flops: float) -> RouterSettings:
     """The threshold scheduler's settings, with T = ``threshold_flops`` (measured or given)."""
-    return RouterSettings(threshold_flops, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy)
+    return RouterSettings(threshold_flops, s.max_tokens_per_rank, s.max_seqs_per_rank, s.max_wait_ms, s.cache_tokens, policy=s.policy, fill=s.fill)
