@@ -112,10 +112,12 @@ def request_bodies(tasks, model_name: str, base_url: str, tokenizer_dir: str) ->
     return bodies
 
 
-def prefix_hits(client) -> float:
+def counters(client) -> tuple[float, float]:
+    """The server's prefix-hit tokens and steps so far."""
     from zp_compile.tools.bench_serve import metric_sum, parse_metrics
 
-    return metric_sum(parse_metrics(client.get("/metrics").text), "zp_prefix_hit_tokens_total")
+    metrics = parse_metrics(client.get("/metrics").text)
+    return metric_sum(metrics, "zp_prefix_hit_tokens_total"), metric_sum(metrics, "zp_steps_total")
 
 
 def main() -> None:
@@ -175,15 +177,15 @@ def main() -> None:
     served = hf = None
     if "served" not in args.skip:
         with Server(ckpt, *flags(args.policy)) as srv:
-            before = prefix_hits(srv.client)
+            hits_before, steps_before = counters(srv.client)
             served = evaluate(tasks, "local-completions", f"model=m,base_url={srv.url}/v1/completions,tokenizer={ckpt},"
                                                           f"tokenizer_backend=huggingface,num_concurrent={args.num_concurrent},max_length=1024")  # fmt: skip
-            hits = prefix_hits(srv.client) - before
+            hits, steps = (after - before for after, before in zip(counters(srv.client), (hits_before, steps_before)))
         result["served"] = {"seconds": served["seconds"], "acc": served["acc"], "tokens_per_s": prompt_tokens / served["seconds"],
-                            "prefix_hit_rate": hits / prompt_tokens, "policy": args.policy, "fill": args.fill}  # fmt: skip
+                            "prefix_hit_rate": hits / prompt_tokens, "policy": args.policy, "fill": args.fill, "steps": steps}  # fmt: skip
         print(f"served ({args.nproc} ranks, {args.policy}, lm-eval local-completions, {args.num_concurrent} concurrent): "
               f"{served['seconds']:.1f} s, {prompt_tokens / served['seconds']:,.0f} prompt tok/s, acc {served['acc']:.4f}, "
-              f"prefix hit rate {hits / prompt_tokens:.3f}", flush=True)  # fmt: skip
+              f"prefix hit rate {hits / prompt_tokens:.3f}, {steps:.0f} steps (--fill {args.fill})", flush=True)  # fmt: skip
     if "hf" not in args.skip:
         torch.set_num_threads(args.nproc * int(os.environ.get("OMP_NUM_THREADS", "1")))
         hf = evaluate(tasks, "hf", f"pretrained={ckpt},dtype=float32,device=cpu,batch_size={args.hf_batch_size},max_length=1024")
