@@ -267,7 +267,7 @@ def test_fill_queue_runs_a_deep_queue_in_fewer_larger_steps():
     at the target while work is left); with fill="threshold" each step stops at T."""
     T = flops_per_request(TOY, 120)
 
-    def run(fill: str) -> tuple[int, list[float]]:
+    def run(fill: str) -> tuple[int, list[float], float]:  # steps, each step's target, the queued FLOPs
         rng = random.Random(0)
         clock = Clock()
         settings = RouterSettings(T, max_tokens=8192, max_seqs=256, max_wait_ms=10.0, policy="least_flops", fill=fill)

@@ -371,7 +371,8 @@ def full_cache(config):
 
 def enable(model) -> None:
     """Register ``zp_packed`` (attention and, for padded calls, sdpa's mask), give each layer's attention
-    its mask rule (``layer_rules``) and switch ``model`` to it. Call before the model's first forward: the compiled graph reads the implementation when traced."""
+    its mask rule (``layer_rules``) and switch ``model`` to it. Call before the model's first forward:
+    the compiled graph reads the implementation when traced."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
