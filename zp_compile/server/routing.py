@@ -48,7 +48,7 @@ class RouterSettings:
     policy / balance_bound: the routing policy; zero_prefill's bound in units of T.
     fill: what a rank's step is filled to. "threshold": T (the shortest steps that hide the gathers: the
         lowest latency). "queue": the larger of T and the rank's share of all the work waiting, split over
-        the ``steps_in_flight`` steps the engine keeps in flight: under a deep queue, fewer and larger
+        the ``STEPS_IN_FLIGHT`` steps the engine keeps in flight: under a deep queue, fewer and larger
         steps (the highest throughput); under light load the same steps as "threshold"."""
 
     threshold_flops: float
@@ -59,7 +59,6 @@ class RouterSettings:
     policy: str = "zero_prefill"
     balance_bound: float = 1.0
     fill: str = "threshold"
-    steps_in_flight: int = STEPS_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if not self.threshold_flops > 0:
@@ -73,8 +72,6 @@ class RouterSettings:
             raise ValueError(f"unknown routing policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.fill not in FILLS:
             raise ValueError(f"unknown fill {self.fill!r}; known: {', '.join(FILLS)}")
-        if self.steps_in_flight < 1:
-            raise ValueError(f"steps_in_flight must be >= 1, got {self.steps_in_flight}")
 
 
 @dataclass(frozen=True)
@@ -177,9 +174,9 @@ class ThresholdScheduler:
        over on other ranks (those their own rank could not run this step), skipping any that do not
        fit, until it reaches the target. A moved sequence reuses what its new rank holds (often
        nothing): balancing only takes work its own rank would have left for a later step, so it never
-       delays that rank. Moves here and in 4 and 5 skip a sequence that would cost its new rank more than twice what it costs
-       where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a miss that computes its
-       shared prefix again, which costs hit rate and cache space for little time.
+       delays that rank. Moves here and in 4 and 5 skip a sequence that would cost its new rank more
+       than twice what it costs where it was routed (``_MAX_MOVE_COST``): a hit is not turned into a
+       miss that computes its shared prefix again, which costs hit rate and cache space for little time.
     3. Hold: if the busiest rank is under T, no rank is full by (or refused a sequence for) its token or
        sequence budget and the oldest waiting sequence has waited less than max_wait_ms, every batch is
        returned empty and ``wake_in`` says when to ask again. At the start of a burst the first arrival
@@ -269,7 +266,7 @@ class ThresholdScheduler:
             return [[] for _ in range(R)]
         self.target = T
         if self.settings.fill == "queue":  # the waiting work's FLOPs (estimated at routing), shared out
-            self.target = max(T, self.waiting_flops() / (R * self.settings.steps_in_flight))
+            self.target = max(T, self.waiting_flops() / (R * STEPS_IN_FLIGHT))
         fills, left = [], []
         for r in range(R):
             fills.append(_Fill(self, r))
