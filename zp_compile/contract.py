@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Union
 
 import msgspec
+import numpy as np
 
 from .threshold import MeasuredThreshold
 
-BLOCK = 16  # tokens per prefix-cache block (zp_compile/prefix.py); also the padded batches' length multiple
+BLOCK = 8  # tokens per prefix-cache block (zp_compile/prefix.py); also the padded batches' length multiple
 PROMPT_TOP = 20  # the most likely tokens a rank reads at each prompt position (the API's logprobs limit)
 TRANSPORTS = ("auto", "collective", "shm")  # --transport: auto is resolved by each rank (rank.worker.resolve_transport)
 GENERATION_KEY = "generation"
@@ -86,9 +87,28 @@ class Readout(msgspec.Struct, frozen=True, array_like=True):
     top: list[tuple[int, float]]  # (token id, log-probability), most likely first
     tokens: list[float]  # log-probability of each of ``Wants.tokens``
     next: tuple[int, float]  # the chosen next token and its log-probability
-    # With ``Wants.prompt``: one entry per prompt position 1..n-1 (position 0 has nothing before it).
-    prompt_logprobs: list[float] = []  # the prompt token's log-probability given the tokens before it
-    prompt_top: list[list[tuple[int, float]]] = []  # the Wants.prompt most likely tokens there, most likely first
+    # With ``Wants.prompt`` (k): one entry per prompt position 1..n-1 (position 0 has nothing before
+    # it), as little-endian arrays rather than lists: an evaluation's prompts are hundreds of positions
+    # each, and as msgpack lists of pairs they cost both sides more CPU than the rest of the step's readouts.
+    prompt_lp: bytes = b""  # float32 [n-1]: the prompt token's log-probability given the tokens before it
+    prompt_top_id: bytes = b""  # int32 [n-1, k]: the k most likely tokens there, most likely first
+    prompt_top_lp: bytes = b""  # float32 [n-1, k]: their log-probabilities
+
+    def prompt_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logprobs [n-1] float32, top ids [n-1, k] int32, top logprobs [n-1, k] float32)."""
+        lp = np.frombuffer(self.prompt_lp, "<f4")
+        ids, top_lp = np.frombuffer(self.prompt_top_id, "<i4"), np.frombuffer(self.prompt_top_lp, "<f4")
+        m = len(lp)
+        return lp, ids.reshape(m, len(ids) // m if m else 0), top_lp.reshape(m, len(top_lp) // m if m else 0)
+
+    @property
+    def prompt_logprobs(self) -> list[float]:
+        return self.prompt_arrays()[0].tolist()  # float32 -> float: exact
+
+    @property
+    def prompt_top(self) -> list[list[tuple[int, float]]]:
+        _, ids, lps = self.prompt_arrays()
+        return [list(zip(i, v)) for i, v in zip(ids.tolist(), lps.tolist())]
 
 
 class Step(msgspec.Struct, frozen=True, tag="step"):

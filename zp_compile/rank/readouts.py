@@ -62,7 +62,7 @@ def readouts(logits: torch.Tensor, seqs: list[Seq], spans: list[tuple[int, int]]
     """Each sequence's readouts from ``logits`` [K, V]: sequence b's rows are ``spans[b] = (a, e)``, the
     distributions after its last e - a positions (None: one row each, b). The last row gives the
     next-token readouts; with ``Wants.prompt`` the rows before it give positions n - (e - a) + 1 .. n - 1
-    of its ``PromptTable`` (the readouts carry no prompt lists yet: ``with_prompt``).
+    of its ``PromptTable`` (the readouts carry no prompt arrays yet: ``with_prompt``).
 
     Everything is computed on the logits' device; one float64 tensor (token ids < 2^53 are exact) comes
     back in one copy: per sequence its top-k ids and logprobs, the asked tokens' logprobs and the next
@@ -128,15 +128,14 @@ def _prompt_table(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tenso
 
 
 def with_prompt(readout: Readout, wants: Wants, table: PromptTable | None) -> Readout:
-    """``readout`` with its prompt lists from ``table`` (positions 1 .. n - 1), top trimmed to ``wants.prompt``."""
+    """``readout`` with its prompt arrays from ``table`` (positions 1 .. n - 1), top trimmed to ``wants.prompt``."""
     if wants.prompt is None:
         return readout
     if table.first != 1:
         raise ValueError(f"a prompt's table must start at position 1, this one at {table.first}")
     k = wants.prompt
-    ids, lps = table.top_id[:, :k].tolist(), table.top_lp[:, :k].astype(np.float64).tolist()
-    top = [list(zip(i, lp)) for i, lp in zip(ids, lps)]
-    return Readout(readout.top, readout.tokens, readout.next, table.lp.astype(np.float64).tolist(), top)
+    arrays = (table.lp.astype("<f4"), table.top_id[:, :k].astype("<i4"), table.top_lp[:, :k].astype("<f4"))  # astype copies: contiguous
+    return Readout(readout.top, readout.tokens, readout.next, *(a.tobytes() for a in arrays))
 
 
 def sample_token(logits_V: torch.Tensor, sample: Sample) -> torch.Tensor:

@@ -36,6 +36,14 @@ class InputChecks:
             text = self._texts[token] = self.tokenizer.decode([token])
         return text
 
+    def token_texts(self, tokens: list[int]) -> list[str]:
+        """``token_text`` of each token (an ``echo`` answer's hundreds of thousands: one lookup each)."""
+        texts = self._texts
+        try:
+            return [texts[t] for t in tokens]
+        except KeyError:
+            return [self.token_text(t) for t in tokens]
+
     def encode(self, inputs, param: str, truncate: int | None) -> list[list[int]]:
         """Token ids of each input (text or ids), checked against the vocabulary and the length limit."""
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):

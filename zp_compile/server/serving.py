@@ -137,17 +137,22 @@ async def completions(s: ServerState, body: p.CompletionRequest, request: Reques
         if k is not None:
             tokens, token_lps, tops = [], [], []
             if body.echo:
-                tokens, token_lps = [decode(t) for t in x], [None, *out.prompt_logprobs]
-                tops = [None] + [_top_dict(top, t, v, decode) for top, t, v in zip(out.prompt_top, x[1:], out.prompt_logprobs)]
+                lps, top_ids, top_lps = out.prompt_arrays()
+                lps = lps.tolist()  # float32 -> float: exact
+                tokens, token_lps = s.inputs.token_texts(x), [None, *lps]
+                top_texts = s.inputs.token_texts(top_ids.ravel().tolist())
+                tops = [None, *_top_dicts(top_texts, top_lps.tolist(), tokens[1:], lps)]
             if one:
                 tokens.append(text)
                 token_lps.append(lp)
-                tops.append(_top_dict(out.top, token, lp, decode))
+                tops += _top_dicts([decode(t) for t, _ in out.top], [[v for _, v in out.top]], [text], [lp])
             offsets = [0]
             for t in tokens[:-1]:
                 offsets.append(offsets[-1] + len(t))
-            logprobs = p.CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops,
-                                            text_offset=offsets if body.echo else [len(s.tokenizer.decode(x))])  # fmt: skip
+            # Built here from typed readouts: validating hundreds of entries per prompt again costs more
+            # than the rest of the answer (model_construct skips it; serialization is unchanged).
+            logprobs = p.CompletionLogprobs.model_construct(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops,
+                                                            text_offset=offsets if body.echo else [len(s.tokenizer.decode(x))])  # fmt: skip
         choices.append(p.CompletionChoice(index=i, text=prompt_text + text, logprobs=logprobs))
     return p.CompletionResponse(model=s.settings.model_name, choices=choices, usage=usage(ids, len(ids) if one else 0))
 
@@ -159,11 +164,18 @@ def _prompt_texts(prompt, ids: list[list[int]], tokenizer) -> list[str]:
     return [t if isinstance(t, str) and tokenizer.encode(t) == x else tokenizer.decode(x) for t, x in zip(given, ids)]
 
 
-def _top_dict(top: list[tuple[int, float]], token: int, lp: float, decode) -> dict[str, float]:
-    """One position's ``top_logprobs``: its most likely tokens, and the token there (OpenAI returns it
-    too, so up to k + 1 entries), by text."""
-    out = {decode(t): v for t, v in top}
-    out.setdefault(decode(token), lp)
+def _top_dicts(top_texts: list[str], top_lps: list[list[float]], token_texts: list[str], token_lps: list[float]) -> list[dict[str, float]]:
+    """Each position's ``top_logprobs``: its k most likely tokens (``top_texts``, k per position, most
+    likely first; ``top_lps`` [positions][k]), and the token there (OpenAI returns it too, so up to
+    k + 1 entries), by text."""
+    k = len(top_lps[0]) if top_lps else 0
+    if k == 1:  # lm-evaluation-harness's logprobs=1: one comprehension over hundreds of thousands of positions
+        return [{a: x} if a == t else {a: x, t: v} for a, (x,), t, v in zip(top_texts, top_lps, token_texts, token_lps)]
+    out = []
+    for j, (lps, text, lp) in enumerate(zip(top_lps, token_texts, token_lps)):
+        top = dict(zip(top_texts[j * k : (j + 1) * k], lps))
+        top.setdefault(text, lp)
+        out.append(top)
     return out
 
 
