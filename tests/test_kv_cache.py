@@ -81,21 +81,22 @@ def check_invariants(kv: RankKVCache) -> None:
 
 
 def test_mixed_reuse_batch_matches_uncached_logits(model):
-    a, b = prompt(1, 70), prompt(2, 40)
+    B, part = BLOCK, BLOCK // 2  # a partial block: part tokens
+    a, b = prompt(1, 4 * B + part), prompt(2, 2 * B + part)
     kv = RankKVCache(1024)
     got, reuse = cached(model, kv, [a, b])  # all misses: the cache fills
     assert reuse == [0, 0]
     assert (got - uncached(model, [a, b])).abs().max() <= TOL
     assert len(kv) == 4 + 2
     batch = [
-        a,  # full hit: its 4 full blocks, the last token still computed (70 = 4 * 16 + 6)
-        a[:50] + prompt(3, 9),  # partial hit: 3 blocks shared, then diverges
+        a,  # full hit: its 4 full blocks, the last token still computed
+        a[: 3 * B + 2] + prompt(3, 9),  # partial hit: 3 blocks shared, then diverges
         prompt(4, 23),  # miss
-        b[:32],  # 2 blocks held, but only 1 reusable: the last token's block is computed
+        b[: 2 * B],  # 2 blocks held, but only 1 reusable: the last token's block is computed
         b,  # 2 blocks, the longest reuse of a different prefix
     ]
     got, reuse = cached(model, kv, batch)
-    assert reuse == [64, 48, 0, 16, 32]
+    assert reuse == [4 * B, 3 * B, 0, B, 2 * B]
     want = uncached(model, batch)
     assert (got - want).abs().max() <= TOL, (got - want).abs().max(dim=-1).values
     check_invariants(kv)
@@ -133,7 +134,7 @@ def test_packed_steps_match_uncached_logits_whatever_the_mix(model, data):
 
 def test_eviction_frees_kv_and_recomputes(model):
     kv = RankKVCache(3 * BLOCK)
-    a, b, c = prompt(11, 40), prompt(12, 40), prompt(13, 33)  # 2 full blocks each
+    a, b, c = prompt(11, 2 * BLOCK + BLOCK // 2), prompt(12, 2 * BLOCK + BLOCK // 2), prompt(13, 2 * BLOCK + 1)  # 2 full blocks each
     cached(model, kv, [a])
     assert len(kv) == 2
     held_a = set(block_hashes(a))
@@ -142,7 +143,7 @@ def test_eviction_frees_kv_and_recomputes(model):
     assert len(kv) == 3 and block_hashes(a)[1] not in kv and block_hashes(a)[0] in kv
     got, reuse = cached(model, kv, [c, a])  # c evicts more; a reuses what is left of it at lookup
     check_invariants(kv)
-    assert reuse == [0, 16]
+    assert reuse == [0, BLOCK]
     assert (got - uncached(model, [c, a])).abs().max() <= TOL
     for seed in range(20, 26):  # churn: the budget is never exceeded, KV follows the block set
         cached(model, kv, [prompt(seed, 17 + 7 * seed % 40), b])
@@ -200,7 +201,7 @@ def test_cached_score_uses_the_cache(model):
 @pytest.mark.parametrize("cpu_kernel", ["rows", "flex"])
 def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypatch, cpu_kernel):
     """With FlexAttention (what a GPU runs; forced here) the warm-up also compiles its kernel for rows
-    with and without prefixes, and serving steps of any size (one 16-token row: one tile) add none;
+    with and without prefixes, and serving steps of any size (one short row: one tile) add none;
     every step's answers equal the uncached model's."""
     from torch._dynamo.utils import counters
 
@@ -291,9 +292,10 @@ def _hits_on_one_rank(rank: int, world_size: int, path: str) -> dict:
 
     torch._dynamo.reset()
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
-    a = prompt(61, 50)
+    B = BLOCK
+    a = prompt(61, 3 * B + 2)
     if rank == 0:
-        steps = [[a, prompt(62, 20)], [a, a[:40] + prompt(63, 5)], [a[:33]], [a, prompt(64, 70)]]
+        steps = [[a, prompt(62, 20)], [a, a[: 2 * B + B // 2] + prompt(63, 5)], [a[: 2 * B + 1]], [a, prompt(64, 70)]]
     else:
         steps = [[prompt(100 + i, 30 + 9 * i), prompt(200 + i, 21)] for i in range(4)]
         steps[2] = []  # an empty batch beside rank 0's cached one
@@ -322,7 +324,8 @@ def _hits_on_one_rank(rank: int, world_size: int, path: str) -> dict:
 def test_two_ranks_one_hitting_one_missing_stay_in_lockstep(checkpoints):
     path = str(checkpoints("qwen3_moe", layers=3))
     r0, r1 = run_ranks(2, _hits_on_one_rank, path)
-    assert r0["reuse"] == [[0, 0], [48, 32], [32], [48, 0]]
+    B = BLOCK
+    assert r0["reuse"] == [[0, 0], [3 * B, 2 * B], [2 * B], [3 * B, 0]]
     assert all(x == 0 for step in r1["reuse"] for x in step) and r1["reuse"][2] == []
     for r in (r0, r1):
         assert r["max_abs_diff"] <= TOL, r
@@ -359,22 +362,24 @@ def test_prompt_logprobs_with_prefix_reuse_equal_the_uncached_model(model):
             assert (torch.tensor([[v for _, v in row] for row in out.prompt_top]) - top.values).abs().max() < TOL
         assert abs(out.next[1] - lp[-1].max().item()) < TOL
 
-    shared = prompt(1, 40)
+    B = BLOCK
+    shared = prompt(1, 2 * B + B // 2)  # 2 whole blocks and a part
     a, b, d = shared + prompt(2, 25), shared + prompt(3, 20), shared + prompt(5, 7)
-    c = b[:56] + prompt(4, 9)  # shares b's third block, which b computes in the same step
+    c = b[: 3 * B + B // 2] + prompt(4, 9)  # shares b's third block, which b computes in the same step
     for budget in (4096, 0):
         kv = RankKVCache(budget)
         check(run_step(model, [Seq(a, Wants(prompt=5))], CPU, kv)[0], a, 5)
         second = [Seq(b, Wants(prompt=3)), Seq(c, Wants(prompt=2)), Seq(d, Wants(top=2)), Seq(d, Wants(prompt=0))]
         _, reuse = kv.lookup(second)
         # d's plain row reuses nothing of the prompt-logprob blocks; with no budget the rows share in the step
-        assert reuse == ([32, 48, 0, 32] if budget else [0, 48, 0, 32])
+        assert reuse == ([2 * B, 3 * B, 0, 2 * B] if budget else [0, 3 * B, 0, 2 * B])
         outs = run_step(model, second, CPU, kv)
         check(outs[0], b, 3), check(outs[1], c, 2), check(outs[3], d, 0)
         assert outs[2].next == outs[3].next and outs[2].prompt_logprobs == []
         if budget:
-            prompt_blocks = len({h for s in second[:2] for h in block_hashes(s.ids, b"prompt-logprobs")} | set(block_hashes(a, b"prompt-logprobs")))
-            assert kv.table_bytes == 164 * BLOCK * prompt_blocks - 164  # block 0 keeps positions 1..15
+            prompt_rows = [s.ids for s in second if s.wants.prompt is not None] + [a]
+            prompt_blocks = len({h for ids in prompt_rows for h in block_hashes(ids, b"prompt-logprobs")})
+            assert kv.table_bytes == 164 * BLOCK * prompt_blocks - 164  # block 0 keeps positions 1..BLOCK-1
 
 
 def test_prompt_logprobs_of_padded_batches(model):

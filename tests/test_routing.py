@@ -41,6 +41,14 @@ def blocks(n_blocks: int, start: int = 100) -> list[int]:
     return list(range(start, start + n_blocks * BLOCK))
 
 
+def span(n_tokens: int, start: int = 100) -> list[int]:
+    """Distinct token ids; the scenarios below use multiples of 16, whole blocks for a BLOCK that divides 16."""
+    return list(range(start, start + n_tokens))
+
+
+assert 16 % BLOCK == 0, "the scenarios below count whole blocks in multiples of 16 tokens"
+
+
 # ---- block hashing ---------------------------------------------------------------------------------
 
 
@@ -50,23 +58,24 @@ def test_block_hashes_are_chained_blake2b_of_full_blocks():
     assert len(ha) == 2 and ha[0] != hb[0]
     assert ha[1] != hb[1]  # the same block after a different prefix
     assert block_hashes(a + x) == ha  # deterministic
-    first = hashlib.blake2b(struct.pack("<16I", *a), digest_size=16).digest()
+    first = hashlib.blake2b(struct.pack(f"<{BLOCK}I", *a), digest_size=16).digest()
     assert ha[0] == first  # content-defined (not Python's salted hash): the same in every process
-    assert ha[1] == hashlib.blake2b(first + struct.pack("<16I", *x), digest_size=16).digest()
+    assert ha[1] == hashlib.blake2b(first + struct.pack(f"<{BLOCK}I", *x), digest_size=16).digest()
 
 
 def test_partial_last_block_is_not_hashed_and_the_last_token_is_never_cached():
-    assert len(block_hashes(list(range(47)))) == 2
-    assert len(block_hashes(list(range(48)))) == 3
-    assert block_hashes([]) == [] and block_hashes(list(range(15))) == []
-    assert [cacheable_blocks(n) for n in (0, 1, 16, 17, 32, 33, 48, 49)] == [0, 0, 0, 1, 1, 2, 2, 3]
+    B = BLOCK
+    assert len(block_hashes(list(range(3 * B - 1)))) == 2
+    assert len(block_hashes(list(range(3 * B)))) == 3
+    assert block_hashes([]) == [] and block_hashes(list(range(B - 1))) == []
+    assert [cacheable_blocks(n) for n in (0, 1, B, B + 1, 2 * B, 2 * B + 1, 3 * B, 3 * B + 1)] == [0, 0, 0, 1, 1, 2, 2, 3]
     cache = PrefixCache(1024)
-    prompt = blocks(2)  # 32 tokens: both blocks are held after it runs ...
+    prompt = blocks(2)  # two whole blocks: both are held after it runs ...
     cache.insert(block_hashes(prompt))
     assert len(cache) == 2
-    # ... but the same prompt again reuses one: the 32nd token's logits are the answer.
+    # ... but the same prompt again reuses one: its last token's logits are the answer.
     assert cache.match(block_hashes(prompt), cacheable_blocks(len(prompt))) == 1
-    assert cache.match(block_hashes(prompt + [7]), cacheable_blocks(33)) == 2
+    assert cache.match(block_hashes(prompt + [7]), cacheable_blocks(2 * B + 1)) == 2
 
 
 # ---- the prefix-cache view ----------------------------------------------------------------------------
@@ -173,7 +182,7 @@ def test_flops_of_new_and_cached_tokens_by_hand():
     clock = Clock()
     settings = RouterSettings(threshold_flops=1.0, max_tokens=256, max_wait_ms=0, cache_tokens=1024)
     sched = ThresholdScheduler(1, TOY, settings, clock)
-    prompt = blocks(2) + [5]  # 33 tokens: 2 full blocks, both cacheable
+    prompt = span(32) + [5]  # 33 tokens: the first 32 in whole blocks, all cacheable
     first, again = seq(prompt), seq(prompt)
     sched.add([first])
     assert sched.next_step() == [[first]]
@@ -216,14 +225,14 @@ def test_a_step_under_T_is_held_unless_a_budget_is_full():
     clock = Clock()
     T = flops_per_request(TOY, 1000)
     sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=256, max_wait_ms=50.0, cache_tokens=1024), clock)
-    prefix = blocks(4)
+    prefix = span(64)
     first, second = seq(prefix + [1]), seq(prefix + [2])
     sched.add([first, second])
     assert sched.next_step() == [[]] and sched.wake_in() == pytest.approx(0.050)
     clock.t = 0.050
     assert sched.next_step() == [[first, second]]  # the second reuses the first's blocks in the same step
     assert [first.cached_tokens, second.cached_tokens] == [0, 64]
-    wide = [seq(blocks(9, start=1000 + 200 * i)) for i in range(2)]  # 144 tokens each: one per 256-token step
+    wide = [seq(span(144, start=1000 + 200 * i)) for i in range(2)]  # 144 tokens each: one per 256-token step
     clock.t = 1.0
     sched.add(wide)
     assert sched.next_step() == [[wide[0]]] and sched.last_step.below_threshold  # not held: the budget refused one
@@ -321,12 +330,12 @@ def test_a_rank_filled_to_T_tops_up_to_the_busiest_ranks_flops():
     T = 3 * flops_per_request(TOY, 100)
     settings = RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096, balance_bound=1e9)
     sched = ThresholdScheduler(2, TOY, settings, Clock())
-    shared = blocks(8)
+    shared = span(128)
     warm = seq(shared + [9])
     sched.add([warm])
     sched.next_step()
     hits = [seq(shared + [i] * 15) for i in range(40)]  # 15 new tokens after 128 cached
-    misses = [seq(blocks(10, start=1000 + 200 * i) + [5]) for i in range(3)]
+    misses = [seq(span(160, start=1000 + 200 * i) + [5]) for i in range(3)]
     sched.add(hits)
     sched.add(misses)
     h, m = warm.rank, 1 - warm.rank
@@ -347,7 +356,7 @@ def test_an_idle_rank_takes_work_its_busy_neighbour_cannot_run_this_step():
     settings = RouterSettings(T, max_tokens=512, max_wait_ms=10.0, cache_tokens=4096)
     sched = ThresholdScheduler(2, TOY, settings, clock)
     sched.policy = lambda views, n_tokens: 0  # every sequence routed to rank 0
-    seqs = [seq(blocks(2, start=100 * i) + [i] * 20) for i in range(12)]  # 52 tokens each, nothing shared
+    seqs = [seq(span(32, start=100 * i) + [i] * 20) for i in range(12)]  # 52 tokens each, nothing shared
     sched.add(seqs)
     batches = sched.next_step()
     # Rank 0 fills to T in arrival order; rank 1 takes the oldest of the rest (each costs it what it
@@ -364,7 +373,7 @@ def test_an_idle_rank_leaves_a_neighbours_hits_where_their_prefix_is():
     T = flops_per_request(TOY, 100)
     settings = RouterSettings(T, max_tokens=512, max_wait_ms=10.0, cache_tokens=4096, balance_bound=1e9)
     sched = ThresholdScheduler(2, TOY, settings, clock)
-    prefix = blocks(4)
+    prefix = span(64)
     seqs = [seq(prefix + [i] * 20) for i in range(12)]
     sched.add(seqs)
     assert {s.rank for s in seqs} == {0}  # every prompt follows the first one's prefix (bound disabled)
@@ -386,10 +395,10 @@ def test_a_ranks_hits_run_before_the_misses_queued_ahead_of_them():
     clock = Clock()
     T = flops_per_request(TOY, 257) + 20 * flops_per_request(TOY, 16, 256)
     sched = ThresholdScheduler(1, TOY, RouterSettings(T, max_tokens=4096, max_wait_ms=0.0, cache_tokens=8192), clock)
-    prefix = blocks(16)
+    prefix = span(256)
     sched.add([seq(prefix + [1])])
     sched.next_step()  # the prefix is cached
-    misses = [seq(blocks(16, start=5000 + 300 * i) + [2]) for i in range(3)]  # 257 new tokens each
+    misses = [seq(span(256, start=5000 + 300 * i) + [2]) for i in range(3)]  # 257 new tokens each
     hits = [seq(prefix + [3 + i] * 16) for i in range(30)]  # 16 new tokens each over the cached 256
     sched.add(misses[:2] + hits + misses[2:])
     first = sched.next_step()[0]
@@ -406,13 +415,13 @@ def test_a_step_under_T_is_evened_out_across_the_ranks():
     settings = RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=4096)
     sched = ThresholdScheduler(2, TOY, settings, clock)
     sched.policy = lambda views, n_tokens: 0  # every sequence routed to rank 0
-    seqs = [seq(blocks(2, start=100 * i) + [i]) for i in range(6)]  # 33 tokens each, nothing shared
+    seqs = [seq(span(32, start=100 * i) + [i]) for i in range(6)]  # 33 tokens each, nothing shared
     sched.add(seqs)
     batches = sched.next_step()
     assert batches[0] == seqs[:3] and sorted(map(id, batches[1])) == sorted(map(id, seqs[3:]))  # the youngest moved
     assert sched.last_step.flops[0] == pytest.approx(sched.last_step.flops[1])
     # A hit stays where its prefix is: on rank 1 it would compute 64 tokens instead of 1.
-    prefix = blocks(4, start=700)
+    prefix = span(64, start=700)
     sched.add([seq(prefix + [1])])
     sched.next_step()  # rank 0 caches the prefix
     hits = [seq(prefix + [i]) for i in range(2, 4)]
@@ -422,11 +431,11 @@ def test_a_step_under_T_is_evened_out_across_the_ranks():
 
 def test_a_batch_mates_prefix_is_reused_in_the_same_step():
     sched = ThresholdScheduler(1, TOY, RouterSettings(1e12, max_tokens=1024, max_wait_ms=0.0, cache_tokens=1024), Clock())
-    shared = blocks(3)
-    a, b, other, c = seq(shared + [1] * 8), seq(shared + [2] * 8), seq(blocks(3, start=500) + [3]), seq(shared + [4] * 8)
+    shared = span(48)
+    a, b, other, c = seq(shared + [1] * 8), seq(shared + [2] * 8), seq(span(48, start=500) + [3]), seq(shared + [4] * 8)
     sched.add([a, b, other, c])
     assert sched.next_step() == [[a, b, other, c]]
-    assert [s.cached_tokens for s in (a, b, other, c)] == [0, 48, 0, 48]  # b and c read a's 3 blocks
+    assert [s.cached_tokens for s in (a, b, other, c)] == [0, 48, 0, 48]  # b and c read the blocks of a's first 48 tokens
     F = lambda new, cached: flops_per_request(TOY, new, cached)  # noqa: E731
     assert sched.last_step.flops == [pytest.approx(F(56, 0) + 2 * F(8, 48) + F(49, 0))]
 
@@ -435,11 +444,11 @@ def test_a_packed_step_costs_its_rows_true_flops_whatever_their_shapes():
     """No padding: hits and a miss share a step, and the rank's FLOPs are the rows' own."""
     settings = RouterSettings(1e12, max_tokens=4096, max_wait_ms=0.0, cache_tokens=4096)
     sched = ThresholdScheduler(1, TOY, settings, Clock())
-    shared = blocks(8)
+    shared = span(128)
     sched.add([seq(shared + [9])])
     sched.next_step()  # the 128-token prefix is cached now
     hits = [seq(shared + [i] * 15) for i in range(3)]  # 15 new tokens each after 128 cached
-    miss = seq(blocks(8, start=900) + [5])  # 129 new tokens
+    miss = seq(span(128, start=900) + [5])  # 129 new tokens
     sched.add([hits[0], miss, *hits[1:]])
     assert sched.next_step() == [[*hits, miss]]  # the head, the hits, then the miss
     info = sched.last_step
@@ -470,14 +479,14 @@ def test_the_view_matches_a_rank_side_cache_that_follows_the_contract():
 def test_discard_and_drain():
     clock = Clock()
     sched = ThresholdScheduler(2, TOY, RouterSettings(flops_per_request(TOY, 1000), max_tokens=256, cache_tokens=1024), clock)
-    a, b, c = seq(blocks(2) + [1]), seq(range(30)), seq(range(40))
+    a, b, c = seq(span(32) + [1]), seq(range(30)), seq(range(40))
     sched.add([a, b, c])
     assert sched.discard([b, seq(range(5))]) == 1 and sched.waiting() == 2
-    assert sched.views(seq(blocks(2) + [2]))[a.rank].matched == 32  # a's blocks count while it is queued
+    assert sched.views(seq(span(32) + [2]))[a.rank].matched == 32  # a's blocks count while it is queued
     clock.t = 1.0
     ran = [s for batch in sched.next_step() for s in batch]
     assert sorted(map(id, ran)) == sorted(map(id, [a, c])) and sched.discard([a]) == 0
-    d, e = seq(blocks(2) + [3]), seq(range(50))
+    d, e = seq(span(32) + [3]), seq(range(50))
     sched.add([d, e])
     assert d.rank == a.rank and sched.views(d)[a.rank].matched == 32  # cached on a's rank
     assert sched.drain() == [d, e] and sched.waiting() == 0

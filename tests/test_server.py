@@ -449,32 +449,32 @@ def _load_under_way(srv: Server, bodies) -> tuple[threading.Thread, dict]:
     return load, out
 
 
-def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
-    # Collectives: a hung rank leaves its peer waiting inside an all-gather, the case timeouts must catch.
+def test_rank_hung_in_a_collective_mid_load_then_drain(slow_checkpoint):
+    """A rank stopped (SIGSTOP) under load leaves its peer waiting inside an all-gather: the heartbeat
+    check catches it, the peer's stack is written, both are killed and restarted, and every request gets
+    an answer. Then a drain (SIGTERM) mid-load. A rank killed mid-step (SIGKILL), and the answers a
+    failed step's requests get, are tests/test_recovery.py's."""
     args = ["--backend", "eager", "--labels", *LABELS, "--transport", "collective", "--on-worker-failure", "restart", "--step-timeout", "60"]
     bodies = [("/classify", {"input": [f"text {i} " * 40] * 4}) for i in range(120)]
     with Server(slow_checkpoint, *args) as srv:
-        for fault in (signal.SIGKILL, signal.SIGSTOP):
-            load, out = _load_under_way(srv, bodies)
-            old = srv.ranks()
-            victim = old[1]
-            victim.send_signal(fault)
-            load.join(150)
-            assert not load.is_alive(), "requests still waiting 150 s after a rank failed"
-            codes = _answered(out["r"])
-            assert set(codes) <= {200, 503} and 200 in codes, codes  # the failed step's requests run again (tests/test_recovery.py)
-            for r in out["r"]:
-                if r.status_code == 503:
-                    assert "worker rank failed" in r.json()["error"]["message"] or "not ready" in r.json()["error"]["message"]
-            srv.wait_healthy()  # restarted
-            import psutil
+        load, out = _load_under_way(srv, bodies)
+        old = srv.ranks()
+        old[1].send_signal(signal.SIGSTOP)
+        load.join(150)
+        assert not load.is_alive(), "requests still waiting 150 s after a rank hung"
+        codes = _answered(out["r"])
+        assert set(codes) <= {200, 503} and 200 in codes, codes  # the failed step's requests run again (tests/test_recovery.py)
+        for r in out["r"]:
+            if r.status_code == 503:
+                assert "worker rank failed" in r.json()["error"]["message"] or "not ready" in r.json()["error"]["message"]
+        srv.wait_healthy()  # restarted
+        import psutil
 
-            _, alive = psutil.wait_procs(old, timeout=30)
-            assert not alive, f"ranks of the failed generation still alive after {signal.Signals(fault).name}"
-            assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
-            if fault == signal.SIGSTOP:  # the peer, stuck in a collective, wrote its stack before it was killed
-                assert "most recent call first" in srv.output() and "gather" in srv.output(), srv.output()[-3000:]
-        assert srv.metric("zp_worker_failures_total") == 2 and srv.metric("zp_sequences_retried_total") > 0
+        _, alive = psutil.wait_procs(old, timeout=30)
+        assert not alive, "ranks of the hung generation still alive"
+        assert srv.client.post("/classify", json={"input": "after the restart"}).status_code == 200
+        assert "most recent call first" in srv.output() and "gather" in srv.output(), srv.output()[-3000:]  # the peer's stack
+        assert srv.metric("zp_worker_failures_total") == 1 and srv.metric("zp_sequences_retried_total") > 0
         # SIGTERM mid-load: accepted requests finish (200), later ones get 503, the server exits 0.
         load, out = _load_under_way(srv, bodies)
         workers = srv.ranks()
@@ -483,8 +483,6 @@ def test_rank_killed_or_hung_mid_load_then_drain(slow_checkpoint):
         load.join(60)
         codes = [r.status_code if not isinstance(r, Exception) else "refused" for r in out["r"]]
         assert codes.count(200) > 0 and set(codes) <= {200, 503, "refused"}, codes
-        import psutil
-
         _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, "ranks outlived the drained server"
 
@@ -502,13 +500,13 @@ def test_threshold_admission_and_prefix_reuse_answer_like_the_offline_model(chec
         r = srv.client.post("/classify", json={"input": "a lone request"})  # under T: waits max-wait-ms, then runs
         assert r.status_code == 200
         assert srv.metric("zp_steps_below_threshold_total") == srv.metric("zp_steps_total") == 1
-        prompts = [f"prompt number {i} " * (1 + i % 7) for i in range(40)]
+        prompts = [f"{i} " + f"prompt number {i} " * (1 + i % 7) for i in range(40)]  # apart from the first tokens on
         responses = _flood(srv, [("/classify", {"input": x}) for x in prompts], 40)
         for x, r in zip(prompts, responses):
             expected = torch.softmax(offline(x)[label_ids], -1).tolist()
             assert max(abs(a - b) for a, b in zip(r.json()["data"][0]["probs"], expected)) < 1e-4
         assert srv.metric("zp_rank_tokens_total", rank="0") > 0 and srv.metric("zp_rank_tokens_total", rank="1") > 0
-        assert srv.metric("zp_prefix_hit_tokens_total") == 0  # no prompt shared a 16-token block so far
+        assert srv.metric("zp_prefix_hit_tokens_total") == 0  # no prompt shared a whole block (contract.BLOCK) so far
         # Shared prefixes: two groups, a first wave fills the ranks' caches, a second wave reuses them.
         groups = ["Read the passage and answer yes or no. " * 4, "The film was boring, too long and badly written. " * 3]
         for wave in range(2):

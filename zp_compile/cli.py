@@ -126,6 +126,7 @@ def format_plan(p: planning.Plan, timing: calibrate.ForwardTiming | None = None,
 def _add_serve(sub) -> None:
     from .contract import TRANSPORTS
     from .optimize import BACKENDS
+    from .contract import BLOCK
     from .server.routing import FILLS
     from .server.settings import DTYPES, ON_WORKER_FAILURE, SCHEDULING, ServeSettings
 
@@ -174,7 +175,7 @@ def _add_serve(sub) -> None:
                    "rank and fill every step to the saturation threshold T (default %(default)s)")  # fmt: skip
     p.add_argument("--threshold-flops", type=float, help="T, FLOPs per rank per step (default: measured by the ranks at start-up)")
     p.add_argument("--cache-tokens", type=int, default=d.cache_tokens,
-                   help="each rank's prefix KV cache, in tokens (16-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
+                   help=f"each rank's prefix KV cache, in tokens ({BLOCK}-token blocks, LRU); 0: KV-cache-free (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="longest a step waits to fill up to T (default %(default)s)")
     p.add_argument("--fill", choices=FILLS, default=d.fill,
                    help="with a routing policy, what each rank's step is filled to: threshold: T (the lowest latency); queue: the "

@@ -1,9 +1,9 @@
-"""A rank's prefix KV cache: reuse the keys and values of a prompt's leading 16-token blocks.
+"""A rank's prefix KV cache: reuse the keys and values of a prompt's leading blocks (``BLOCK`` tokens each).
 
 ``RankKVCache`` honours the contract in ``zp_compile/prefix.py`` the simplest way: it runs the same
 ``PrefixCache`` on its own batches (rules 2-5) and keeps keys and values for exactly the hashes that
 class holds (rule 3's budget then bounds the KV held). Per held block it keeps, for every layer, the
-block's 16 keys and values as the model's cache stores them (after RoPE, at the block's absolute
+block's ``BLOCK`` keys and values as the model's cache stores them (after RoPE, at the block's absolute
 positions: a block is always at the same positions, since its hash covers everything before it).
 
 A step runs as ONE packed forward (``assemble``; the kernel is ``rank/packed.py``):
