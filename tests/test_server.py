@@ -500,7 +500,7 @@ def test_threshold_admission_and_prefix_reuse_answer_like_the_offline_model(chec
         r = srv.client.post("/classify", json={"input": "a lone request"})  # under T: waits max-wait-ms, then runs
         assert r.status_code == 200
         assert srv.metric("zp_steps_below_threshold_total") == srv.metric("zp_steps_total") == 1
-        prompts = [f"{i} " + f"prompt number {i} " * (1 + i % 7) for i in range(40)]  # apart from the first tokens on
+        prompts = [f"{i} " + f"prompt number {i} " * (1 + i % 7) for i in range(40)]  # each opens with its own number: no shared first block
         responses = _flood(srv, [("/classify", {"input": x}) for x in prompts], 40)
         for x, r in zip(prompts, responses):
             expected = torch.softmax(offline(x)[label_ids], -1).tolist()

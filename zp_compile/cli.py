@@ -124,9 +124,8 @@ def format_plan(p: planning.Plan, timing: calibrate.ForwardTiming | None = None,
 
 
 def _add_serve(sub) -> None:
-    from .contract import TRANSPORTS
+    from .contract import BLOCK, TRANSPORTS
     from .optimize import BACKENDS
-    from .contract import BLOCK
     from .server.routing import FILLS
     from .server.settings import DTYPES, ON_WORKER_FAILURE, SCHEDULING, ServeSettings
 
