@@ -145,7 +145,7 @@ async def completions(s: ServerState, body: p.CompletionRequest, request: Reques
             if one:
                 tokens.append(text)
                 token_lps.append(lp)
-                tops += _top_dicts([decode(t) for t, _ in out.top], [[v for _, v in out.top]], [text], [lp])
+                tops += _top_dicts(s.inputs.token_texts([t for t, _ in out.top]), [[v for _, v in out.top]], [text], [lp])
             offsets = [0]
             for t in tokens[:-1]:
                 offsets.append(offsets[-1] + len(t))
