@@ -200,8 +200,8 @@ def test_metrics_deltas_on_crafted_text():
 def test_client_errors_are_outcomes_too(tokenizer):
     requests = bench.random_dataset(tokenizer, 5, 8)
     r = asyncio.run(bench.run(f"http://127.0.0.1:{free_port()}", "/classify", requests, max_concurrency=2, timeout=5))
-    assert (r.num_requests, r.completed, r.failed, r.server) == (5, 0, {"ConnectError": 5}, None)
-    assert all(o.status is None and o.error.startswith("ConnectError") for o in r.outcomes)
+    assert (r.num_requests, r.completed, r.failed, r.server) == (5, 0, {"ClientConnectorError": 5}, None)
+    assert all(o.status is None and o.error.startswith("ClientConnectorError") for o in r.outcomes)
 
 
 # ---- end to end ---------------------------------------------------------------------------------
