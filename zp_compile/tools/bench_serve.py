@@ -342,7 +342,8 @@ async def run(base_url: str, endpoint: str, requests: Requests, *, request_rate:
         raise ValueError(f"max concurrency must be at least 1, got {max_concurrency}")
     offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    base_url, url = base_url.rstrip("/"), base_url.rstrip("/") + endpoint
+    base_url = base_url.rstrip("/")
+    url = base_url + endpoint
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else nullcontext()
     connector = aiohttp.TCPConnector(limit=max_concurrency or 0)  # 0: no cap on connections
     session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
