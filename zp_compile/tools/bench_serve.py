@@ -334,8 +334,9 @@ async def run(base_url: str, endpoint: str, requests: Requests, *, request_rate:
               max_concurrency: int | None = None, seed: int = 0, api_key: str | None = None, timeout: float = 3600.0) -> BenchResult:  # fmt: skip
     """Send ``requests`` to ``base_url + endpoint`` at their arrival times and report; ``/metrics`` is
     scraped before the first and after the last answer."""
-    # aiohttp, the client of vLLM's serving benchmark: with 1,024 requests in flight httpx's AsyncClient
-    # took about 3x its CPU per request on the 2-core machine, CPU the server's ranks then lack.
+    # aiohttp, the client of vLLM's serving benchmark: on the 2-core machine httpx's AsyncClient took
+    # 1.3-1.5 s of CPU for 512 requests where aiohttp took 0.5 s (benchmarks/serve_throughput.py), CPU the
+    # server's ranks lack; replaying lm-eval's 800 requests at 1,024 in flight went from 25-33 s to 10-16 s.
     import aiohttp
 
     if max_concurrency is not None and max_concurrency < 1:
