@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
-from server_utils import Server, free_port
+from server_utils import free_port
 from zp_compile.tools import bench_serve as bench
 from zp_compile import cli
 
-LABELS = [" yes", " no"]
+pytestmark = pytest.mark.xdist_group("serve")  # one server at a time, on one worker (pyproject.toml)
 
 
 @pytest.fixture(scope="module")
@@ -205,29 +205,22 @@ def test_client_errors_are_outcomes_too(tokenizer):
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from zp_compile.models import tiny_with_tokenizer
-
-    return tiny_with_tokenizer("qwen3_moe", tmp_path_factory.mktemp("bench-tiny"), layers=2, num_experts=6, max_position_embeddings=256)
-
-
-def test_against_a_live_server(checkpoint, tmp_path, capsys):
+def test_against_a_live_server(served, served_checkpoint, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     groups, per_group, system, question = 5, 8, 40, 10
     out = tmp_path / "result.json"
-    with Server(checkpoint, "--backend", "eager", "--labels", *LABELS) as srv:
-        with pytest.raises(SystemExit) as done:
-            cli.main(["bench-serve", "--base-url", srv.url, "--tokenizer", str(checkpoint), "--dataset-name", "shared-prefix",
-                      "--gsp-num-groups", str(groups), "--gsp-prompts-per-group", str(per_group), "--gsp-system-prompt-len", str(system),
-                      "--gsp-question-len", str(question), "--request-rate", "200", "--max-concurrency", "8",
-                      "--save-result", "--result-filename", str(out)])  # fmt: skip
-        assert done.value.code == 0
-        # the library directly: 7 prompts that fit, 3 over the 256-token limit (400 each), all at once
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        mixed = bench.random_dataset(tokenizer, 7, 30, seed=1) + bench.random_dataset(tokenizer, 3, 300, seed=2)
-        refused = asyncio.run(bench.run(srv.url, "/classify", mixed))
+    srv, checkpoint = served, served_checkpoint  # the server tests' server (conftest.py): its counters are read as deltas
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench-serve", "--base-url", srv.url, "--tokenizer", str(checkpoint), "--dataset-name", "shared-prefix",
+                  "--gsp-num-groups", str(groups), "--gsp-prompts-per-group", str(per_group), "--gsp-system-prompt-len", str(system),
+                  "--gsp-question-len", str(question), "--request-rate", "200", "--max-concurrency", "8",
+                  "--save-result", "--result-filename", str(out)])  # fmt: skip
+    assert done.value.code == 0
+    # the library directly: 7 prompts that fit, 3 over the 256-token limit (400 each), all at once
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    mixed = bench.random_dataset(tokenizer, 7, 30, seed=1) + bench.random_dataset(tokenizer, 3, 300, seed=2)
+    refused = asyncio.run(bench.run(srv.url, "/classify", mixed))
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and f"Successful requests:                     {groups * per_group}" in printed
 

@@ -15,6 +15,8 @@ import torch
 
 from server_utils import Server
 
+pytestmark = pytest.mark.xdist_group("serve")  # one server at a time, on one worker (pyproject.toml)
+
 MODEL = "tiny-moe"
 TOL = 1e-4  # fp32 logprobs: the packed, sharded forward against the unmodified model
 
@@ -28,7 +30,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    args = ["--backend", "aot_eager", "--served-model-name", MODEL, "--policy", "zero_prefill", "--cache-tokens", "4096",
+    # Eager: the clients are what is tested; the compiled packed path with the prefix cache is
+    # tests/test_server.py's (threshold admission) and tests/test_kv_cache.py's.
+    args = ["--backend", "eager", "--served-model-name", MODEL, "--policy", "zero_prefill", "--cache-tokens", "4096",
             "--threshold-flops", "1e6", "--labels", " yes", " no"]  # fmt: skip
     with Server(checkpoint, *args) as srv:
         yield srv

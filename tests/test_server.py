@@ -1,6 +1,7 @@
 """``zp-compile serve`` end to end: a real subprocess with real ranks (torchrun, gloo), real HTTP over
-loopback. Each server start costs a torchrun launch and a compile, so one module-scoped server answers
-every test that does not change its state; the fault tests start their own."""
+loopback. Each server start costs a torchrun launch and a compile, so one server (``served`` in
+conftest.py, shared with tests/test_bench_serve.py) answers every test that does not change its state;
+the fault tests start their own."""
 
 from __future__ import annotations
 
@@ -19,20 +20,19 @@ from server_utils import flood as _flood
 from zp_compile import cli
 from zp_compile.server import protocol as p
 
+pytestmark = pytest.mark.xdist_group("serve")  # one server at a time, on one worker (pyproject.toml)
+
 LABELS = [" yes", " no"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from zp_compile.models import tiny_with_tokenizer
-
-    return tiny_with_tokenizer("qwen3_moe", tmp_path_factory.mktemp("serve-tiny"), layers=2, num_experts=6, max_position_embeddings=256)
+def checkpoint(served_checkpoint):
+    return served_checkpoint
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    with Server(checkpoint, "--backend", "aot_eager", "--labels", *LABELS, "--max-tokens-per-rank", "1024") as srv:
-        yield srv
+def server(served):
+    return served
 
 
 @pytest.fixture(scope="module")
