@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,10 +19,19 @@ import psutil
 STARTUP_S = 300  # loading + compiling on 2 busy cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(consecutive: int = 1) -> int:
+    """A port free now, with the ``consecutive - 1`` ports after it (``--worker-port`` P takes P and P + 1)."""
+    while True:
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for k in range(1, consecutive):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
+            except (OSError, OverflowError):  # taken, or past 65535
+                continue
+            return port
 
 
 class Server:

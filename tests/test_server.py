@@ -538,7 +538,7 @@ def test_external_ranks_join_and_failure_exits(checkpoint):
 
     from server_utils import free_port
 
-    worker_port = free_port()
+    worker_port = free_port(consecutive=2)  # the store on it, the data socket on the next
     args = ["--backend", "eager", "--labels", *LABELS, "--external-ranks", "--worker-port", str(worker_port), "--on-worker-failure", "exit"]
     with Server(checkpoint, *args, wait=False) as srv:
         assert httpx_health(srv) == 503  # up, waiting for its ranks
@@ -565,6 +565,8 @@ def test_external_ranks_join_and_failure_exits(checkpoint):
 def httpx_health(srv: Server, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.output()[-4000:]}")
         try:
             return httpx.get(srv.url + "/health", timeout=2).status_code
         except httpx.HTTPError:

@@ -44,16 +44,34 @@ def connect(address: str, timeout: timedelta = _IDLE) -> dist.TCPStore:
     return dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
 
 
-def _heartbeat(address: str, key: str) -> None:
-    store = connect(address, timedelta(seconds=30))
-    while True:
-        try:
-            store.add(key, 1)
-        except Exception:
-            # The front end is gone (killed, crashed): nobody will ever send another step. Exit now; the
-            # main thread may be blocked in a read or in a collective with a peer that never returns.
-            os._exit(3)
-        time.sleep(0.5)
+class Heartbeat:
+    """A thread adding 1 to the rank's beat key every 0.5 s, stopped and joined before the rank returns.
+    A daemon thread still running when the interpreter finalises is ended by ``pthread_exit`` as it takes
+    the GIL back (Python 3.11); inside the store's C++ call that unwind can meet a noexcept frame, and the
+    rank can abort ("terminate called without an active exception") after a clean stop."""
+
+    def __init__(self, address: str):
+        self.address, self.stopping, self.thread = address, threading.Event(), None
+
+    def start(self, key: str) -> None:
+        self.thread = threading.Thread(target=self._run, args=(key,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)  # one store round trip; a hung front end is no reason to hang here
+
+    def _run(self, key: str) -> None:
+        store = connect(self.address, timedelta(seconds=30))
+        while not self.stopping.is_set():
+            try:
+                store.add(key, 1)
+            except Exception:
+                # The front end is gone (killed, crashed): nobody will ever send another step. Exit now;
+                # the main thread may be blocked in a read or in a collective with a peer that never returns.
+                os._exit(3)
+            self.stopping.wait(0.5)
 
 
 def resolve_transport(requested: str, device: torch.device, world: int, local: int) -> str:
@@ -97,6 +115,7 @@ def serve(address: str) -> None:
     sock.setsockopt(zmq.IDENTITY, contract.identity(generation, rank))
     sock.setsockopt(zmq.LINGER, _LINGER_MS)
     sock.connect(settings.data_address)
+    heartbeat = Heartbeat(address)
     try:
         device = resolve_device(settings.device)  # cuda asked for and not usable: an error, never the CPU instead
         if device.type == "cuda":
@@ -109,7 +128,7 @@ def serve(address: str) -> None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if device.type == "cpu":
             torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // local))
-        threading.Thread(target=_heartbeat, args=(address, keys.beat(rank)), daemon=True).start()
+        heartbeat.start(keys.beat(rank))
         transport = resolve_transport(settings.transport, device, world, local)
         settings = msgspec.structs.replace(settings, transport=transport)
         clock = PhaseClock(lambda record: store.set(keys.startup(rank), record))  # the front end shows them
@@ -136,6 +155,8 @@ def serve(address: str) -> None:
         sock.send(contract.encode(Failed(rank, f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")))
         sock.close()  # delivers Failed within the linger time
         raise
+    finally:
+        heartbeat.stop()
     sock.close()
     dist.destroy_process_group()
 
