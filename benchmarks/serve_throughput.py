@@ -67,7 +67,8 @@ def offline_rank(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    settings = RankSettings(model=args.model, ranks=world, backend=args.backend, transport=args.transport, dtype="bfloat16")
+    settings = RankSettings(model=args.model, ranks=world, backend=args.backend, transport=args.transport, dtype="bfloat16",
+                            regional=args.regional_compile)  # fmt: skip
     model = load(settings, torch.device("cpu"))
     vocab = model.get_output_embeddings().weight.shape[0]
     kv = prepare(model, torch.device("cpu"), vocab, 0, args.max_tokens_per_rank)  # as a serving rank does: packed steps
@@ -143,7 +144,7 @@ def served(args, prompts: list[list[int]], concurrency: int) -> dict:
 
     flags = ["--tokenizer", args.tokenizer, "--labels", *LABELS, "--nproc", str(args.nproc), "--backend", args.backend,
              "--transport", args.transport, "--dtype", "bfloat16", "--max-tokens-per-rank", str(args.max_tokens_per_rank),
-             "--max-waiting", str(max(4096, len(prompts))), "--log-level", "warning"]  # fmt: skip
+             "--regional-compile" if args.regional_compile else "--no-regional-compile", "--max-waiting", str(max(4096, len(prompts))), "--log-level", "warning"]  # fmt: skip
     with Server(Path(args.model), *flags) as srv:
         asyncio.run(client(srv.url, prompts[: 2 * args.nproc], 2 * args.nproc, args.health_every))  # first requests: warm caches
         runs = []
@@ -166,7 +167,9 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--transport", default="shm", choices=["shm", "collective"])
     parser.add_argument("--max-tokens-per-rank", type=int, default=4096)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 8])
+    parser.add_argument("--regional-compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="both sides compile a decoder layer at a time (serve's default) or the whole model")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[64, 8], help="served runs (none: offline only)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the median is reported")
     parser.add_argument("--health-every", type=float, default=0.25, help="seconds between /health probes during the run")
     parser.add_argument("--json", help="append the results to this file")
@@ -196,11 +199,13 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__, "--offline-rank",
                "--model", args.model, "--backend", args.backend, "--transport", args.transport, "--requests", str(args.requests),
                "--length", str(args.length), "--max-tokens-per-rank", str(args.max_tokens_per_rank), "--out", out.name, "--repeats", str(args.repeats),
+               "--regional-compile" if args.regional_compile else "--no-regional-compile",
                "--label-ids", *map(str, args.label_ids)]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         offline = json.loads(Path(out.name).read_text())
     tokens = args.requests * args.length
     print(f"{tokens:,} tokens in {args.requests} requests of {args.length}; {args.nproc} ranks, {args.backend}, transport {args.transport}, "
+          f"{'regional' if args.regional_compile else 'whole-graph'} compile, "
           f"{args.max_tokens_per_rank} tokens per rank per step")  # fmt: skip
     spread = ", ".join(f"{x:,.0f}" for x in offline["tokens_per_s_runs"])
     print(f"offline optimized forward: {offline['tokens_per_s']:,.0f} tok/s median ({spread}; {offline['steps']} steps, {offline['seconds']:.2f} s)")
@@ -224,7 +229,7 @@ def main() -> None:
     if args.json:
         path = Path(args.json)
         results = json.loads(path.read_text()) if path.exists() else []
-        results.append({"settings": {k: v for k, v in vars(args).items() if k in ("requests", "length", "nproc", "backend", "transport", "max_tokens_per_rank", "health_every", "repeats")},
+        results.append({"settings": {k: v for k, v in vars(args).items() if k in ("requests", "length", "nproc", "backend", "transport", "max_tokens_per_rank", "health_every", "repeats", "regional_compile")},
                         "offline": offline, "served": rows, "when": time.strftime("%Y-%m-%d %H:%M")})  # fmt: skip
         path.write_text(json.dumps(results, indent=1))
 

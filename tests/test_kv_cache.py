@@ -28,14 +28,15 @@ def prompt(seed: int, n: int, vocab: int = 256) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def optimized(path, backend: str):
-    """A world-of-one optimized model, compiled as the worker compiles it (dynamic shapes)."""
+def optimized(path, backend: str, regional: bool = False):
+    """A world-of-one optimized model, compiled as the worker compiles it (dynamic shapes; the worker
+    also compiles a decoder layer at a time, ``regional``)."""
     from transformers import AutoModelForCausalLM
 
     import zp_compile
 
     torch._dynamo.reset()
-    model = zp_compile.optimize(AutoModelForCausalLM.from_pretrained(path).eval(), backend=backend, dynamic=True)
+    model = zp_compile.optimize(AutoModelForCausalLM.from_pretrained(path).eval(), backend=backend, dynamic=True, regional=regional)
     packed.enable(model)  # as the worker does
     return model
 
@@ -47,6 +48,14 @@ def checkpoint(tmp_path_factory):
     # fp32; head dim 64 equals the warm-up's past (64 tokens): a graph that gave both one symbol would
     # recompile for every other past (kv_cache._static).
     return tiny("qwen3_moe", tmp_path_factory.mktemp("kv-tiny"), layers=2, num_experts=4, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def deep_checkpoint(tmp_path_factory):
+    """4 layers: the two middle ones run one compile when compiled a decoder layer at a time."""
+    from zp_compile.models import tiny
+
+    return tiny("qwen3_moe", tmp_path_factory.mktemp("kv-deep"), layers=4, num_experts=4, head_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +254,15 @@ def test_warm_up_compiles_every_cached_graph_serving_needs(checkpoint, monkeypat
     assert counters["stats"].get("unique_graphs", 0) == 0  # no recompile while serving
 
 
-def test_one_graph_serves_steps_on_both_sides_of_inductors_sort_guard(checkpoint):
+def test_one_graph_serves_steps_on_both_sides_of_inductors_sort_guard(deep_checkpoint):
     """Inductor guards its lowering of ``aten.sort`` (the MoE routing's tokens x top_k) below 32,767. The
     routing sorts of a dynamic length skip that lowering (``passes/opaque_sorts.py``), so the one graph
-    a small warm-up compiles also serves steps past 32,767 routed pairs, with and without a past."""
+    a small warm-up compiles also serves steps past 32,767 routed pairs, with and without a past.
+    Compiled as serving ranks compile (a decoder layer at a time): the layers' past lengths, tied equal
+    when one layer runs another's compile, recompile nothing either."""
     from torch._dynamo.utils import counters
 
-    model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs
+    model = optimized(deep_checkpoint, "inductor", regional=True)  # resets dynamo: tests after this one recompile their graphs
     top_k = model.config.num_experts_per_tok
     max_tokens = -(-32767 // top_k // 256) * 256  # past the guard, in 256-token rows
     counters.clear()
@@ -264,6 +275,7 @@ def test_one_graph_serves_steps_on_both_sides_of_inductors_sort_guard(checkpoint
     assert kv.lookup(again)[1] == [64] * len(rows)
     run_step(model, again, CPU, kv)  # each reusing 64 tokens: a past of 64 x rows keys
     assert counters["stats"]["unique_graphs"] == 1  # no recompile while serving
+    assert (counters["zp_compile"]["regional_pieces"], counters["zp_compile"]["regional_compiles"]) == (4, 3)
 
 
 def test_mixed_reuse_batch_under_inductor(checkpoint):

@@ -26,11 +26,13 @@ def families_at(world_size: int) -> list[str]:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_every_family_matches_reference(checkpoints, world_size):
-    """Each family at 2 ranks and at 3 or 4, prefetch depths cycling 0, 1, 2 across families and sizes."""
+    """Each family at 2 ranks and at 3 or 4, prefetch depths cycling 0, 1, 2 across families and sizes,
+    compiled whole or a decoder layer at a time (regional) in turn."""
     cases = [
-        {"path": str(checkpoints(family, layers=3, num_experts=EXPERTS)), "family": family, "prefetch": (i + world_size) % 3}
+        {"path": str(checkpoints(family, layers=3, num_experts=EXPERTS)), "family": family, "prefetch": (i + world_size) % 3,
+         "regional": (i + world_size) % 2 == 1}
         for i, family in enumerate(families_at(world_size))
-    ]
+    ]  # fmt: skip
     for rank_results in run_ranks(world_size, max_logit_error, "", cases):
         for r in rank_results:
             assert r["max_abs_diff"] <= FP32_TOL, r
@@ -42,6 +44,7 @@ def test_every_family_matches_reference(checkpoints, world_size):
 def test_every_prefetch_depth(checkpoints, world_size):
     path = str(checkpoints("qwen3_moe", layers=4, num_experts=5))
     cases = [{"prefetch": d} for d in (0, 1, 2, 3)] + [{"prefetch": 1, "resident_first_layer": True}]
+    cases += [{"prefetch": d, "regional": True} for d in (0, 1, 2)] + [{"prefetch": 1, "resident_first_layer": True, "regional": True}]
     for rank_results in run_ranks(world_size, max_logit_error, path, cases):
         for r in rank_results:
             assert r["max_abs_diff"] <= FP32_TOL, r
@@ -66,11 +69,11 @@ def test_wrong_shards_are_detected(checkpoints):
             assert r["max_abs_diff"] > 1e-2, r
 
 
-@pytest.mark.parametrize("world_size, family", [(2, "qwen3_moe"), (3, "gpt_oss")])
-def test_shared_memory_transport(checkpoints, world_size, family):
+@pytest.mark.parametrize("world_size, family, regional", [(2, "qwen3_moe", True), (3, "gpt_oss", False)])
+def test_shared_memory_transport(checkpoints, world_size, family, regional):
     """transport="shm": one copy out of shared memory per expert tensor, no collective in the graph."""
     path = str(checkpoints(family, layers=3, num_experts=5))
-    for r in run_ranks(world_size, shm_transport, path, "aot_eager"):
+    for r in run_ranks(world_size, shm_transport, path, "aot_eager", regional):
         assert r["max_abs_diff"] <= FP32_TOL, r
         assert r["shm_gathers"] == r["expected_gathers"] > 0 and r["collectives"] == 0, r
         assert r["empty_shape"][1] == 0

@@ -64,7 +64,7 @@ def roundtrip(rank: int, world_size: int) -> dict:
         got = exchange.gather(key)
         view = exchange.view(key)
         buf = torch.full_like(got, float("nan") if got.is_floating_point() else 255)  # overwritten by the gather
-        op = torch.ops.zp_compile.shm_gather(shard, exchange.exchange_id, *key)
+        op = torch.ops.zp_compile.shm_gather(exchange.local(key), exchange.exchange_id)
         out["keys"][str(key)] = {
             "shape": list(got.shape),
             "expected_shape": [world_size * shard.shape[0], *shard.shape[1:]],
@@ -81,9 +81,15 @@ def roundtrip(rank: int, world_size: int) -> dict:
         }
         got.zero_()  # a gather is a private copy: writing into it leaves the shared bank alone
         out["keys"][str(key)]["bank_intact"] = torch.equal(unshard_rows(exchange.gather(key), num_experts), full)
+    try:  # the op finds its key by the rows' address: a private copy of the rows names none
+        torch.ops.zp_compile.shm_gather(shards[(0, 0)].clone(), exchange.exchange_id)
+        out["op_on_a_copy"] = "no error"
+    except KeyError as e:
+        out["op_on_a_copy"] = str(e)
+    local = exchange.local((0, 0))
     exchange.close()
     try:
-        torch.ops.zp_compile.shm_gather(shards[(0, 0)], exchange.exchange_id, 0, 0)
+        torch.ops.zp_compile.shm_gather(local, exchange.exchange_id)
         out["op_after_close"] = "no error"
     except KeyError as e:
         out["op_after_close"] = str(e)
@@ -103,13 +109,14 @@ def compiled(rank: int, world_size: int, backend: str) -> dict:
     num_experts = CASES[w_key][0]
 
     def layer(x_T4, w_shard, b_shard):
-        w_E43 = unshard_rows(torch.ops.zp_compile.shm_gather(w_shard, eid, *w_key), num_experts)
-        b_E3 = unshard_rows(torch.ops.zp_compile.shm_gather(b_shard, eid, *b_key), num_experts)
+        w_E43 = unshard_rows(torch.ops.zp_compile.shm_gather(w_shard, eid), num_experts)
+        b_E3 = unshard_rows(torch.ops.zp_compile.shm_gather(b_shard, eid), num_experts)
         return torch.einsum("th,ehi->tei", x_T4, w_E43) + b_E3.float()
 
     def zero_copy(x_T4, w_E43, b_E3):
         return torch.einsum("th,ehi->tei", x_T4, w_E43) + b_E3.float()
 
+    shards = {key: exchange.local(key) for key in shards}  # the op is given this rank's rows in the segment
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(rank))
     expected = zero_copy(x, _full(w_key), _full(b_key))
     counter = CompileCounterWithBackend(backend)
@@ -203,6 +210,7 @@ def test_gather_rebuilds_every_bank(world_size, shm_unchanged):
         assert not result["file_after_setup"], f"rank {rank}: segment file still in {SHM_DIR} after setup"
         assert not result["file_after_close"]
         assert "no open shared-memory exchange" in result["op_after_close"]
+        assert "not this rank's rows of any key" in result["op_on_a_copy"], result["op_on_a_copy"]
         assert set(result["keys"]) == {str(k) for k in CASES}
         for key, r in result["keys"].items():
             assert r["shape"] == r["expected_shape"], (rank, key)
@@ -254,7 +262,7 @@ def test_gather_rejects_a_wrong_out_buffer():
     with pytest.raises(ValueError, match=r"out is \(2, 4\) torch.float32, key \(0, 0\) gathers to \(2, 3\)"):
         exchange.gather((0, 0), out=torch.empty(2, 4))
     with pytest.raises(KeyError, match="no open shared-memory exchange 'test'"):
-        torch.ops.zp_compile.shm_gather(torch.empty(2, 3), "test", 0, 0)
+        torch.ops.zp_compile.shm_gather(exchange.local((0, 0)), "test")
 
 
 def test_gather_reuses_an_output_only_once_nothing_holds_it():

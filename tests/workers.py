@@ -50,6 +50,7 @@ def max_logit_error(rank: int, world_size: int, path: str, cases: list[dict]) ->
             prefetch=case["prefetch"],
             backend=case.get("backend", "aot_eager"),
             resident_first_layer=case.get("resident_first_layer", False),
+            regional=case.get("regional", False),
         )
         if case.get("corrupt_shards"):
             for layer in model.zero_prefill.sharded_layers:
@@ -188,7 +189,7 @@ def bf16_against_stock_compile(rank: int, world_size: int, path: str) -> dict:
     }
 
 
-def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
+def shm_transport(rank: int, world_size: int, path: str, backend: str, regional: bool = False) -> dict:
     """transport="shm": logits, and what the compiled graph gathers with."""
     import zp_compile
     from zp_compile.passes.predicates import is_all_gather, is_shm_gather
@@ -198,7 +199,7 @@ def shm_transport(rank: int, world_size: int, path: str, backend: str) -> dict:
     torch._dynamo.reset()
     _, ids, mask, expected = reference(path, rank)
     with captured_graphs() as graphs:
-        model = zp_compile.from_pretrained(path, backend=backend, transport="shm")
+        model = zp_compile.from_pretrained(path, backend=backend, transport="shm", regional=regional)
         with torch.inference_mode():
             got = model(input_ids=ids, attention_mask=mask).logits
             empty = model(input_ids=ids[:, :0], attention_mask=mask[:, :0]).logits  # no peer needed

@@ -19,6 +19,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import imports, passes
+from .regions import compile_regions
 
 INNER_BACKENDS = ("inductor", "aot_eager")
 
@@ -66,8 +67,11 @@ def with_our_pass(existing, graph_pass: CustomGraphPass):
     return [*get_custom_graph_passes(existing), graph_pass]
 
 
-def zero_prefill_backend(prefetch: int = 1, inner: str = "inductor"):
-    """A torch.compile backend running the AsyncEP passes, then ``inner`` ("inductor" or "aot_eager")."""
+def zero_prefill_backend(prefetch: int = 1, inner: str = "inductor", regional: bool = False):
+    """A torch.compile backend running the AsyncEP passes, then ``inner`` ("inductor" or "aot_eager").
+
+    ``regional``: compile a decoder layer at a time, each distinct layer once (``zp_compile.regions``),
+    instead of the whole graph at once."""
     if inner not in INNER_BACKENDS:
         raise ValueError(f"inner backend must be one of {INNER_BACKENDS}, got {inner!r}")
     graph_pass = ZeroPrefillGraphPass(prefetch)
@@ -79,14 +83,21 @@ def zero_prefill_backend(prefetch: int = 1, inner: str = "inductor"):
             gm.recompile()
             return make_boxed_func(gm.forward)
 
-        return aot_autograd(fw_compiler=forward_compiler)
+        compile_whole = aot_autograd(fw_compiler=forward_compiler)
+    else:
 
-    def inductor_backend(gm: torch.fx.GraphModule, example_inputs):
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
+        def compile_whole(gm: torch.fx.GraphModule, example_inputs):
+            from torch._inductor import config as inductor_config
+            from torch._inductor.compile_fx import compile_fx
 
-        passes_now = with_our_pass(inductor_config.post_grad_custom_post_pass, graph_pass)
-        with inductor_config.patch(post_grad_custom_post_pass=passes_now):
-            return compile_fx(gm, example_inputs)
+            passes_now = with_our_pass(inductor_config.post_grad_custom_post_pass, graph_pass)
+            with inductor_config.patch(post_grad_custom_post_pass=passes_now):
+                return compile_fx(gm, example_inputs)
 
-    return inductor_backend
+    if not regional:
+        return compile_whole
+
+    def regional_backend(gm: torch.fx.GraphModule, example_inputs):
+        return compile_regions(gm, example_inputs, compile_whole, prefetch)
+
+    return regional_backend

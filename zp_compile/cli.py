@@ -151,6 +151,9 @@ def _add_serve(sub) -> None:
                    help="where each rank runs: cuda (rank i on cuda:LOCAL_RANK, NCCL between ranks; an error if CUDA does not "
                    "work), cpu (gloo), or auto (default): cuda when it works, else cpu")  # fmt: skip
     p.add_argument("--prefetch", type=int, default=d.prefetch)
+    p.add_argument("--regional-compile", action=argparse.BooleanOptionalAction, default=d.regional_compile,
+                   help="compile a decoder layer at a time, each distinct layer once: start-up no longer grows with depth "
+                   "(default: on; --no-regional-compile compiles the whole model as one graph)")  # fmt: skip
     p.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--max-model-len", type=int, help="longest input in tokens (default: the config's max_position_embeddings)")
     p.add_argument("--max-tokens-per-rank", type=int, default=d.max_tokens_per_rank,

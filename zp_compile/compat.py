@@ -80,3 +80,24 @@ def no_duck_sizing():
     cached) are not tied together, so the first call where they differ does not recompile."""
     patch = _private("torch.fx.experimental._config", "patch", "compiling the packed attention kernel once for all sizes")
     return patch(use_duck_shape=False)
+
+
+def size_hint(shape_env, expr) -> int:
+    """The value a size symbol had when traced (``ShapeEnv.guarding_hint_or_throw``; ``size_hint``
+    before torch 2.12)."""
+    hint = getattr(shape_env, "guarding_hint_or_throw", None) or shape_env.size_hint
+    return int(hint(expr))
+
+
+def guard_equal(shape_env, a, b) -> None:
+    """Record in dynamo's ``ShapeEnv`` that size symbols ``a`` and ``b`` are equal (``evaluate_expr`` of
+    their equality: a guard on the frame, and ``b`` replaced by ``a`` or the reverse). Regional
+    compilation ties the symbols of a layer that runs another layer's compile to that layer's."""
+    import sympy
+
+    evaluate = getattr(shape_env, "evaluate_expr", None)
+    if evaluate is None:
+        raise TorchCompatError(f"ShapeEnv.evaluate_expr is missing from torch {torch.__version__} (zp-compile was written "
+                               f"against torch {TESTED_TORCH}); it is needed for regional compilation")  # fmt: skip
+    if not evaluate(sympy.Eq(a, b)):
+        raise AssertionError(f"size symbols {a} and {b} were to be tied but differ")

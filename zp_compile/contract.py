@@ -44,6 +44,7 @@ class RankSettings(msgspec.Struct, frozen=True, kw_only=True):
     data_address: str = ""  # tcp://HOST:PORT of the front end's ROUTER socket
     backend: str = "inductor"
     prefetch: int = 1
+    regional: bool = True  # compile a decoder layer at a time, once per distinct layer (zp_compile.regions)
     transport: str = "auto"
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA works, else cpu; cuda: cuda:LOCAL_RANK or fail (zp_compile.devices)
     dtype: str | None = None

@@ -11,8 +11,8 @@
   overlap, so an optimized model is usable before or without compilation. Implemented here. The shard
   is gathered in whatever dtype it is stored in (float8 values, uint8 MXFP4 blocks, their scales):
   decoding to the compute dtype is the caller's, after the gather (``zp_compile.models.rewrite``).
-- ``zp_compile::shm_gather(shard, exchange_id, layer, slot)``: every rank's ``[S, ...]`` rows of
-  ``(layer, slot)`` copied out of a shared-memory exchange, ``[N * S, ...]``. Implemented (kernel and
+- ``zp_compile::shm_gather(shard, exchange_id)``: every rank's ``[S, ...]`` rows of the key whose
+  rows on this rank ``shard`` is, copied out of a shared-memory exchange, ``[N * S, ...]``. Implemented (kernel and
   fake) by ``zp_compile.transport``, which owns the exchanges the op looks up; an ``exchange_id`` only
   exists once that module has made one.
 - ``zp_compile::packed_attention(query, key, value, rows, ranges, scale, window, chunk, sinks)``: one
@@ -37,7 +37,7 @@ from .sharding import unshard_rows
 OP_NAMESPACE = "zp_compile"
 
 _lib = torch.library.Library(OP_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - the namespace's schemas live as long as the process
-_lib.define("shm_gather(Tensor shard, str exchange_id, int layer, int slot) -> Tensor")
+_lib.define("shm_gather(Tensor shard, str exchange_id) -> Tensor")
 _lib.define("packed_attention(Tensor query, Tensor key, Tensor value, Tensor rows, Tensor ranges, float scale, int window=0, "
             "int chunk=0, Tensor? sinks=None) -> Tensor")
 
@@ -67,7 +67,7 @@ def gather_experts(
 ) -> torch.Tensor:
     """[ceil(E/N), ...] shard on every rank -> [E, ...] full expert tensor (blocking in eager)."""
     if exchange_id:
-        gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)
+        gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id)
         return unshard_rows(gathered, num_experts).clone()  # the pool keeps `gathered`: never alias it
     gathered = all_gather_rows(shard, group_size, group_name)
     # A custom op may not return a view of a buffer it allocated and then drops; copy only when padded.

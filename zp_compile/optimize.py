@@ -36,6 +36,9 @@ class ZeroPrefillConfig:
     transport: "collective" (all-gather over the process group: NCCL on GPUs, gloo on CPU) or "shm"
         (ranks on one host: shards in POSIX shared memory, set up once; a gather is a memcpy from it,
         with no collective at run time. See ``zp_compile.transport``).
+    regional: compile a decoder layer at a time, once per distinct layer (``zp_compile.regions``):
+        compile time no longer grows with depth. Each layer's expert gathers are issued at the start
+        of the layer ``prefetch`` gathered layers before it and waited for at its end.
     """
 
     prefetch: int = 1
@@ -43,6 +46,7 @@ class ZeroPrefillConfig:
     backend: str = "inductor"
     dynamic: bool | None = None
     transport: str = "collective"
+    regional: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
@@ -154,6 +158,7 @@ def optimize(
     backend: str = "inductor",
     dynamic: bool | None = None,
     transport: str = "collective",
+    regional: bool = False,
     config: ZeroPrefillConfig | None = None,
 ) -> nn.Module:
     """Shard ``model``'s experts over ``group`` (default: the world, or a world of one without an
@@ -162,7 +167,7 @@ def optimize(
     The model keeps its class and is called as before; each rank passes its own batch. All ranks must
     call every forward together (each forward is a sequence of collectives).
     """
-    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport, regional)
     if hasattr(model, "zero_prefill"):
         raise RuntimeError(f"{type(model).__name__} is already optimized by zp_compile")
     if uses_transformers_ep(model):
@@ -207,7 +212,7 @@ def _compile(model: nn.Module, group, config: ZeroPrefillConfig, layers: list[Mo
     compiled = (
         forward
         if config.backend == "eager"
-        else torch.compile(forward, backend=zero_prefill_backend(config.prefetch, config.backend), dynamic=config.dynamic)
+        else torch.compile(forward, backend=zero_prefill_backend(config.prefetch, config.backend, config.regional), dynamic=config.dynamic)
     )
 
     def zero_prefill_forward(*args, **kwargs):
@@ -247,6 +252,7 @@ def from_pretrained(
     backend: str = "inductor",
     dynamic: bool | None = None,
     transport: str = "collective",
+    regional: bool = False,
     config: ZeroPrefillConfig | None = None,
 ) -> nn.Module:
     """Load a safetensors checkpoint directory with only this rank's expert shards, then ``optimize``.
@@ -257,7 +263,7 @@ def from_pretrained(
     """
     from .models.loading import load_sharded
 
-    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport)
+    config = _settings(config, prefetch, resident_first_layer, backend, dynamic, transport, regional)
     device = resolve_device(device)
     group = _default_group(group)
     model, layers = load_sharded(path, group, dtype=dtype, device=device, resident_first_layer=config.resident_first_layer)

@@ -23,11 +23,12 @@ deadlock:
 - ``local(key)`` is this rank's ``[S, ...]`` rows inside the segment; callers can drop their private
   copy of the shard and keep this one.
 
-``torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)`` is ``gather`` as one opaque node
-in a compiled graph. ``shard`` supplies the shape and dtype while tracing and ties the node to the
-layer's weights; its data is not read (the rows were copied into the segment at setup). The op finds
-the exchange by ``exchange_id``, which is the same string on every rank, so every rank compiles the
-same graph.
+``torch.ops.zp_compile.shm_gather(shard, exchange_id)`` is ``gather`` as one opaque node in a compiled
+graph. ``shard`` is this rank's rows as ``local(key)`` returns them: it supplies the shape and dtype
+while tracing, and at run time its address names the key (its data is not read: the rows were copied
+into the segment at setup). No layer number is a constant of the graph, so identical decoder layers
+compile to identical code (``zp_compile.regions`` compiles them once). The op finds the exchange by
+``exchange_id``, which is the same string on every rank, so every rank compiles the same graph.
 
 Memory per host: the whole bank once, like the N shards of AsyncEP together. Each rank's rows are
 charged to the rank that wrote them.
@@ -177,6 +178,8 @@ class ShmExpertExchange:
             key: base[r.offset : r.offset + r.nbytes].view(r.dtype).view(r.gathered_shape) for key, r in regions.items()
         }
         self._shard_rows = {key: r.shard_shape[0] for key, r in regions.items()}
+        # The address of this rank's rows of each key -> the key (shm_gather is given the rows).
+        self._key_at = {self.local(key).data_ptr(): key for key in self._views}
         self._pool = _OutputPool(pool)
 
     @classmethod
@@ -313,10 +316,23 @@ class ShmExpertExchange:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, key {key} gathers to {tuple(src.shape)} {src.dtype}")
         return out.copy_(src)
 
+    def key_of(self, shard: torch.Tensor) -> Key:
+        """The key whose rows ``shard`` is (``local(key)``, or a view of it at the same address)."""
+        key = self._key_at.get(shard.data_ptr())
+        if key is None:
+            raise KeyError(f"exchange {self.exchange_id}: a shard of {tuple(shard.shape)} {shard.dtype} is not this rank's rows "
+                           "of any key: shm_gather takes the exchange's own view (local(key)), not a copy")  # fmt: skip
+        expected = (self._shard_rows[key], *self._views[key].shape[1:])
+        if tuple(shard.shape) != expected or shard.dtype != self._views[key].dtype:
+            raise ValueError(f"(layer, slot) {key}: shard is {tuple(shard.shape)} {shard.dtype} but the exchange holds "
+                             f"shards of {expected} {self._views[key].dtype}")  # fmt: skip
+        return key
+
     def close(self) -> None:
         """Forget this exchange (local, not collective). The memory is freed once no view is alive anywhere."""
         _EXCHANGES.pop(self.exchange_id, None)
         self._views.clear()
+        self._key_at.clear()
         self._pool.clear()
 
     def __enter__(self) -> ShmExpertExchange:
@@ -331,29 +347,21 @@ _EXCHANGES: dict[str, ShmExpertExchange] = {}
 _CREATED = itertools.count()  # exchanges this process has created: their ids (ShmExpertExchange.create)
 
 
-def _lookup(exchange_id: str, shard: torch.Tensor, layer: int, slot: int) -> ShmExpertExchange:
+def _lookup(exchange_id: str) -> ShmExpertExchange:
     exchange = _EXCHANGES.get(exchange_id)
     if exchange is None:
         raise KeyError(f"no open shared-memory exchange {exchange_id!r} in this process (closed, or created elsewhere)")
-    view = exchange._views.get((layer, slot))
-    if view is None:
-        raise KeyError(f"exchange {exchange_id} has no tensor for (layer, slot) ({layer}, {slot})")
-    if tuple(shard.shape) != (exchange._shard_rows[(layer, slot)], *view.shape[1:]) or shard.dtype != view.dtype:
-        raise ValueError(
-            f"(layer, slot) ({layer}, {slot}): shard is {tuple(shard.shape)} {shard.dtype} but the exchange holds "
-            f"shards of {(exchange._shard_rows[(layer, slot)], *view.shape[1:])} {view.dtype}"
-        )
     return exchange
 
 
 # The op's schema is declared in zp_compile/ops.py; this module owns the exchanges it looks up.
 @torch.library.impl(SHM_GATHER, "CompositeExplicitAutograd")
-def shm_gather(shard: torch.Tensor, exchange_id: str, layer: int, slot: int) -> torch.Tensor:
-    """[S, ...] shard -> [N * S, ...] every rank's rows of (layer, slot), copied from shared memory."""
-    return _lookup(exchange_id, shard, layer, slot).gather((layer, slot))
+def shm_gather(shard: torch.Tensor, exchange_id: str) -> torch.Tensor:
+    """[S, ...] this rank's rows of a key -> [N * S, ...] every rank's rows of it, copied from shared memory."""
+    exchange = _lookup(exchange_id)
+    return exchange.gather(exchange.key_of(shard))
 
 
 @torch.library.register_fake(SHM_GATHER)
-def _(shard: torch.Tensor, exchange_id: str, layer: int, slot: int) -> torch.Tensor:
-    exchange = _lookup(exchange_id, shard, layer, slot)
-    return shard.new_empty((exchange.world_size * shard.shape[0], *shard.shape[1:]))
+def _(shard: torch.Tensor, exchange_id: str) -> torch.Tensor:
+    return shard.new_empty((_lookup(exchange_id).world_size * shard.shape[0], *shard.shape[1:]))

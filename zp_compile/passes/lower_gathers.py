@@ -31,8 +31,8 @@ def _gather_full(
     return (unshard_rows(gathered, num_experts),)  # [E, ...]
 
 
-def _copy_full(shard: torch.Tensor, *, num_experts: int, exchange_id: str, layer: int, slot: int) -> tuple[torch.Tensor]:
-    gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id, layer, slot)  # [N*S, ...], a memcpy
+def _copy_full(shard: torch.Tensor, *, num_experts: int, exchange_id: str) -> tuple[torch.Tensor]:
+    gathered = torch.ops.zp_compile.shm_gather(shard, exchange_id)  # [N*S, ...], a memcpy
     return (unshard_rows(gathered, num_experts),)  # [E, ...]
 
 
@@ -58,7 +58,7 @@ def lower_expert_gathers(graph: Graph) -> None:
             continue
         shard, num_experts, group_size, group_name, layer, slot, exchange_id = marker.args
         if exchange_id:  # shared memory on one host: a synchronous copy, no collective
-            fn = functools.partial(_copy_full, num_experts=num_experts, exchange_id=exchange_id, layer=layer, slot=slot)
+            fn = functools.partial(_copy_full, num_experts=num_experts, exchange_id=exchange_id)
         else:
             fn = functools.partial(_gather_full, num_experts=num_experts, group_size=group_size, group_name=group_name)
         _, new_nodes = insert_fn_trace_before_node(graph, fn, [shard.meta["val"]], marker, [shard], [marker])

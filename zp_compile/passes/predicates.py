@@ -11,8 +11,10 @@ _c10d = torch.ops._c10d_functional
 
 
 def is_expert_gather_marker(node: Node) -> bool:
-    """``zp_compile::gather_experts``: a use of one MoE layer's full expert tensor, not yet lowered."""
-    return node.op == "call_function" and node.target is torch.ops.zp_compile.gather_experts.default
+    """``zp_compile::gather_experts``: a use of one MoE layer's full expert tensor, not yet lowered (in
+    dynamo's graph the op, in AOTAutograd's its overload)."""
+    marker = torch.ops.zp_compile.gather_experts
+    return node.op == "call_function" and (node.target is marker.default or node.target is marker)
 
 
 def is_all_gather(node: Node) -> bool:

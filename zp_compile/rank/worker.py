@@ -94,6 +94,7 @@ def load(settings: RankSettings, device: torch.device):
         device=device,
         prefetch=settings.prefetch,
         backend=settings.backend,
+        regional=settings.regional,
         transport=settings.transport,
         # One compile for every batch shape: the warm-up pays it before the rank reports ready.
         dynamic=True,

@@ -28,6 +28,7 @@ class ServeSettings:
     nproc: int = 2
     backend: str = "inductor"
     prefetch: int = 1
+    regional_compile: bool = True  # a decoder layer at a time, once per distinct layer (zp_compile.regions)
     transport: str = "auto"
     device: str = "auto"  # auto, cpu, cuda or cuda:N (zp_compile.devices.resolve_device, run on every rank)
     dtype: str | None = None  # default: the checkpoint's
@@ -89,7 +90,7 @@ class ServeSettings:
 
 def rank_settings(s: ServeSettings, data_address: str) -> RankSettings:
     """What every rank loads, for ranks that reach the front end's data socket at ``data_address``."""
-    return RankSettings(model=s.model, ranks=s.nproc, data_address=data_address, backend=s.backend, prefetch=s.prefetch,
+    return RankSettings(model=s.model, ranks=s.nproc, data_address=data_address, backend=s.backend, prefetch=s.prefetch, regional=s.regional_compile,
                         transport=s.transport, device=s.device, dtype=s.dtype, threads=s.threads_per_rank,
                         measure_threshold=s.routed and s.threshold_flops is None, cache_tokens=s.cache_tokens,
                         max_tokens=s.max_tokens_per_rank)  # fmt: skip
