@@ -269,6 +269,9 @@ def table(report: dict) -> str:
         elif name == "packed":
             lines += [f"phase packed: {c['rows']} rows, prefix {c['prefix']}: flex {c['flex_ms']:.2f} ms, loop {c['loop_ms']:.2f} ms, "
                       f"padded {c['padded_sdpa_ms']:.2f} ms" for c in phase["cases"]]  # fmt: skip
+        elif name == "ranks":
+            lines += [f"phase ranks: {phase['world']} {phase['device']} ranks, {r['strategy']}, {r['tokens_per_rank']} tokens/rank: "
+                      f"{r['tok_s']:,.0f} tok/s" for r in phase["rows"]]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -306,7 +309,7 @@ def parse_args(argv):
     p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager"])
     p.add_argument("--reserve-s", type=float, default=150.0,
                    help="seconds of the budget kept from the sweep for the phases after it (AsyncEP, packed attention)")
-    p.add_argument("--phases", default="numerics,sweep,asyncep,packed", help="which parts to run (default %(default)s)")
+    p.add_argument("--phases", default="numerics,sweep,asyncep,packed,ranks", help="which parts to run (default %(default)s)")
     p.add_argument("--static", action="store_true", help="compile once per size (dynamic=False) instead of a dynamic batch dim")
     p.add_argument("--json", type=Path, help="default: $OUT/gpu_check.json if OUT is set, else ./gpu_check.json")
     p.add_argument("--check-deps", action="store_true", help="print unmet requirements, one a line, and exit")
@@ -529,6 +532,9 @@ def main(argv=None) -> int:
         cases = (512, [2, 8], 64, (4, 2), 16) if args.tiny else (8192, [8, 64, 256], 1024, (32, 4), 128)
         gpu_phases.run_phase(report, "packed", budget, 20 if args.tiny else 40, gpu_phases.packed, device, *cases, 3 if args.tiny else 10,
                              args.tiny)  # the dry run: FlexAttention uncompiled  # fmt: skip
+    if "ranks" in phases:  # every GPU of the machine under torchrun (skipped with one); the dry run: 2 CPU ranks
+        need = 30 if args.tiny else 120
+        gpu_phases.run_phase(report, "ranks", budget, need, gpu_phases.ranks, device, args.tiny, budget.left() - 5)
 
     watchdog.cancel()
     best = max((r for r in report["rows"] if "compiled" in r), key=lambda r: r["compiled"]["tokens_per_s"], default=None)

@@ -7,6 +7,8 @@
 #   asyncep    the sharded graph of a world of 8 on this one GPU, each gather a side-stream copy of 7/8
 #              of the bank, against the same graph without: the overlap cost (benchmarks/asyncep_one_gpu.py);
 #   packed     packed attention: FlexAttention vs the per-row loop vs one padded SDPA (benchmarks/packed_attention.py).
+#   ranks      with >= 2 GPUs: benchmarks/throughput.py under torchrun, NCCL, AsyncEP vs TP vs EP vs a replica
+#              (one GPU: skipped; the dry run: 2 CPU ranks over gloo).
 # Prints a table, writes $OUT/gpu_check.json (./gpu_check.json when OUT is unset). Details:
 # benchmarks/gpu_check.py and benchmarks/gpu_phases.py. Not yet run on a GPU: written for one and
 # dry-run on CPU in the test suite (tests/test_gpu_check.py).

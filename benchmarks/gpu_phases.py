@@ -7,12 +7,18 @@ within what is left of its budget; a phase that fails is reported with its error
   7/8 of the bank on a side stream, against the same graph with no transfer (``asyncep_one_gpu.py``).
 - ``packed``: one layer's packed attention, FlexAttention against the per-row loop it replaced and one
   padded SDPA call (``packed_attention.py``).
+- ``ranks``: on a machine with >= 2 GPUs, the real thing: ``throughput.py`` under torchrun with NCCL,
+  AsyncEP against TP, EP and a replica (the dry run: 2 CPU ranks over gloo).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 
 def run_phase(report: dict, name: str, budget, need_s: float, fn, *args) -> None:
@@ -136,3 +142,34 @@ def packed(device, tokens: int, rows: list[int], prefix: int, heads: tuple[int, 
             print(f"  packed {n_rows:>3} rows, prefix {p:>4}: flex {row['flex_ms']:.2f} ms, loop {row['loop_ms']:.2f} ms, "
                   f"padded sdpa {row['padded_sdpa_ms']:.2f} ms, max|flex - loop| {err:.2e}", flush=True)  # fmt: skip
     return {"cases": out, "heads": list(heads), "head_dim": head_dim}
+
+
+def ranks(device, tiny: bool, seconds: float) -> dict:
+    """``throughput.py`` under torchrun on every GPU of this machine, NCCL between them: AsyncEP against
+    transformers' TP and EP and a full replica per GPU. Needs >= 2 GPUs (one rank per GPU). The dry run:
+    2 CPU ranks over gloo, the tiny shape, no compile: the same script and flags otherwise."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    n = torch.cuda.device_count() if device.type == "cuda" else 2
+    if n < 2:
+        return {"skipped": f"{n} GPU visible: AsyncEP's gathers need >= 2 ranks, one GPU each"}
+    shape = ["--shape", "tiny", "--backend", "eager", "--tokens", "64", "--context", "32", "--steps", "1"] if tiny else \
+        ["--tokens", "4096,16384", "--context", "1024", "--steps", "3"]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="zp-gpu-ranks-") as tmp:
+        out = Path(tmp) / "throughput.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(HERE / "throughput.py"),
+               "--device", device.type, "--strategies", "asyncep,replica,tp,ep", "--json", str(out), *shape]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ZP_BENCH_CKPT": str(Path(tmp) / "ckpt")}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(1.0, seconds))
+        if proc.returncode != 0:
+            raise RuntimeError(f"throughput.py exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+        print("\n".join(f"  ranks {line}" for line in proc.stdout.splitlines() if "tok/s" in line or "T* =" in line), flush=True)
+        report = json.loads(out.read_text())
+    rows = [r for r in report["results"] if "tok_s" in r]
+    return {"world": n, "device": device.type, "model": report["model"], "rows": rows,
+            "t_star": [r for r in report["results"] if "t_star_tokens" in r]}  # fmt: skip

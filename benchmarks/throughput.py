@@ -22,6 +22,16 @@ is 1 (prefill only).
 Run one strategy per process (``--strategies asyncep``) for clean peak-memory figures; ``--json``
 appends to the file.
 
+On GPUs (``--device cuda``, or ``auto`` where CUDA works: rank r on ``cuda:LOCAL_RANK``, NCCL between
+ranks): the same strategies but ``asyncep-shm`` (shared memory is a host transport), each step timed after a
+device synchronize, peak memory the device's (``torch.cuda.max_memory_allocated``) instead of the RSS:
+
+    torchrun --nproc_per_node 8 benchmarks/throughput.py --device cuda --strategies asyncep,replica,tp,ep \
+        --tokens 4096,16384 --json out.json
+
+``--shape tiny`` is a 2-layer model of the same family for a quick run of the code path (the GPU check's
+dry run).
+
 Quantized checkpoints (``--quantization fp8|mxfp4``): the same model shape stored block-FP8 (Qwen3-MoE,
 as Qwen3-*-FP8 ships) or with MXFP4 experts (gpt-oss, the family MXFP4 is published for). ``asyncep`` and
 ``asyncep-shm`` then load the quantized checkpoint (shards kept as stored, gathered so, decoded after
@@ -50,10 +60,12 @@ import torch
 import torch.distributed as dist
 
 import zp_compile
+from zp_compile.devices import process_group_backend, resolve_device, synchronize
 
 # The model shape of the project's reference figures (docs/platform.md): 82M parameters, 25 MB of experts per
 # layer in bf16, big enough that the gather is not trivial against compute on this CPU.
 MODEL = dict(layers=6, hidden=512, num_experts=32, top_k=4, expert_size=256, vocab=4096, heads=8, kv_heads=4)
+SHAPES = {"82m": MODEL, "tiny": dict(layers=2, hidden=64, num_experts=8, top_k=2, expert_size=32, vocab=4096, heads=4, kv_heads=2)}
 
 
 QUANTIZATIONS = ("fp8", "mxfp4")
@@ -62,41 +74,41 @@ FAMILY = {None: "qwen3_moe", "fp8": "qwen3_moe", "mxfp4": "gpt_oss"}
 FAMILY_SHAPE = {"qwen3_moe": {"head_dim": 64, "intermediate_size": 1024}, "gpt_oss": {"head_dim": 64, "sliding_window": 128}}
 
 
-def build_checkpoint(quantization: str | None = None, family: str = "qwen3_moe") -> Path:
+def build_checkpoint(quantization: str | None = None, family: str = "qwen3_moe", shape: str = "82m") -> Path:
     """The benchmark checkpoint (``$ZP_BENCH_CKPT``, default /tmp/zp-bench-qwen3moe-82m), built if missing.
-    Another family (gpt-oss) or a quantized layout of the same shape is a sibling directory: the name
-    plus ``-gpt_oss``, ``-fp8`` or ``-mxfp4``."""
+    Another family (gpt-oss), a quantized layout or another ``shape`` is a sibling directory: the name
+    plus ``-gpt_oss``, ``-fp8``, ``-mxfp4`` or ``-tiny``."""
     from zp_compile.models import tiny
 
-    suffix = ("" if family == "qwen3_moe" else f"-{family}") + (f"-{quantization}" if quantization else "")
+    suffix = ("" if family == "qwen3_moe" else f"-{family}") + (f"-{quantization}" if quantization else "") + ("" if shape == "82m" else f"-{shape}")
     path = Path(os.environ.get("ZP_BENCH_CKPT", "/tmp/zp-bench-qwen3moe-82m") + suffix)
     if not (path / "model.safetensors").exists():
-        tiny(family, path, dtype=torch.bfloat16, quantization=quantization, **FAMILY_SHAPE[family], **MODEL)
+        tiny(family, path, dtype=torch.bfloat16, quantization=quantization, **FAMILY_SHAPE[family], **SHAPES[shape])
     return path
 
 
-def checkpoint(rank: int, quantization: str | None = None, family: str = "qwen3_moe") -> Path:
+def checkpoint(rank: int, quantization: str | None = None, family: str = "qwen3_moe", shape: str = "82m") -> Path:
     if rank == 0:  # built in a child process, so that building leaves nothing in this rank's memory
         import multiprocessing
 
-        child = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(quantization, family))
+        child = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(quantization, family, shape))
         child.start()
         child.join()
     dist.barrier()
-    return build_checkpoint(quantization, family)  # built by rank 0 by now: only the path
+    return build_checkpoint(quantization, family, shape)  # built by rank 0 by now: only the path
 
 
-def load(strategy: str, path: Path, backend: str):
+def load(strategy: str, path: Path, backend: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     if strategy.startswith("asyncep"):
         transport = "shm" if strategy.startswith("asyncep-shm") else "collective"
-        model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend, transport=transport)
+        model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend=backend, transport=transport, device=device)
         return model, torch.inference_mode
     if strategy == "replica":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval().to(device)
         return (torch.compile(model) if backend != "eager" else model), torch.inference_mode
-    if strategy == "tp":
+    if strategy == "tp":  # transformers places each rank's part on its current device (cuda:LOCAL_RANK, set in main)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, tp_plan="auto").eval()
         return (torch.compile(model) if backend != "eager" else model), torch.no_grad
     if strategy == "ep":
@@ -119,7 +131,7 @@ def bytes_per_layer(strategy: str, tokens: int, world: int, model=None) -> float
     """
     from zp_compile.models.rewrite import expert_bytes
 
-    hidden, top_k = MODEL["hidden"], MODEL["top_k"]
+    hidden, top_k = model.config.hidden_size, model.config.num_experts_per_tok
     if strategy.startswith("asyncep"):
         sharded = model.zero_prefill.sharded_layers
         return expert_bytes(sharded[:1]) * (world - 1) if sharded else 0.0
@@ -154,6 +166,19 @@ def load_memory(path: Path) -> dict:
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {**{f"shard_{k}_bytes": v for k, v in held.items()}, "dense_bytes": total - sum(held.values()),
             "rss_before": before, "peak_rss": peak, "peak_over_before": peak - before}  # fmt: skip
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start the peak-memory count from now: the device's allocator, or the process's RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory since ``reset_peak``: device memory allocated, or the process's peak RSS on the CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_bytes()[1]
 
 
 def resident_bytes() -> tuple[int, int]:
@@ -196,7 +221,19 @@ def mix_batches(tokens: int, steps: int, context: int, vocab: int, seed: int) ->
     return batches
 
 
-def bench_mix(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
+def timed(device: torch.device, run) -> float:
+    """Seconds of ``run()`` on every rank: from a barrier to the last rank's end, the device drained
+    before each clock read (a host clock around queued GPU work times the launches)."""
+    dist.barrier()
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def bench_mix(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool, device: torch.device) -> float:
     """tokens/s of real (unpadded) tokens over ``steps`` different mix batches, after one warm-up pass."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if shared_batch:  # TP: every rank runs the union of all ranks' batches
@@ -208,22 +245,22 @@ def bench_mix(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int
             batches.append((torch.cat([pad(ids) for ids, _ in step]), torch.cat([pad(m) for _, m in step])))
     else:
         batches = mix_batches(tokens, steps, context, vocab, seed=rank)
-    with grad_ctx():
-        for ids, mask in batches:  # compile / warm up every shape
-            model(input_ids=ids, attention_mask=mask)
-        dist.barrier()
-        start = time.perf_counter()
+    real = torch.tensor([float(sum(m.sum() for _, m in batches))], device=device)  # the collective's device: the model's
+    batches = [(ids.to(device), mask.to(device)) for ids, mask in batches]
+
+    def run():
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
-        dist.barrier()
-        elapsed = time.perf_counter() - start
-    real = torch.tensor([float(sum(m.sum() for _, m in batches))])
+
+    with grad_ctx():
+        run()  # compile / warm up every shape
+        elapsed = timed(device, run)
     if not shared_batch:
         dist.all_reduce(real)
     return real.item() / elapsed
 
 
-def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool) -> float:
+def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, shared_batch: bool, device: torch.device) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     context = min(context, tokens)  # fewer tokens than one request: one shorter request
     if shared_batch:  # TP: all ranks hold the same N x tokens batch, computed once
@@ -232,21 +269,22 @@ def bench(model, grad_ctx, tokens: int, context: int, steps: int, vocab: int, sh
     else:
         g = torch.Generator().manual_seed(rank)
         ids = torch.randint(3, vocab, (max(1, tokens // context), context), generator=g)
-    with grad_ctx():
-        model(input_ids=ids)  # compile / warm up this shape
-        dist.barrier()
-        start = time.perf_counter()
+    ids = ids.to(device)
+
+    def run():
         for _ in range(steps):
             model(input_ids=ids)
-        dist.barrier()
-        elapsed = time.perf_counter() - start
+
+    with grad_ctx():
+        model(input_ids=ids)  # compile / warm up this shape
+        elapsed = timed(device, run)
     return ids.numel() * (1 if shared_batch else world) * steps / elapsed
 
 
-def bf16_t_star(path: Path, context: int) -> float:
+def bf16_t_star(path: Path, context: int, device: torch.device) -> float:
     """T* (tokens per rank) of bf16 AsyncEP on checkpoint ``path``, measured as the ranks would at
     start-up (the same on every rank: the measurement agrees on the worst rank)."""
-    model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend="eager")
+    model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend="eager", device=device)
     tokens = zp_compile.measure_threshold(model, context=context).tokens
     del model
     gc.collect()
@@ -270,7 +308,7 @@ def parse_tokens(spec: str, t_star) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategies", default="asyncep,asyncep-shm,replica,tp,ep")
+    parser.add_argument("--strategies", help="default: asyncep,asyncep-shm,replica,tp,ep (on GPUs without asyncep-shm)")
     parser.add_argument("--tokens", default="512,1024,2048,4096", help="tokens per rank per step")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
@@ -283,14 +321,27 @@ def main() -> None:
                         "asyncep-bf16, asyncep-shm-bf16, replica, tp and ep the bf16 one of the same family")
     parser.add_argument("--load-memory", action="store_true",
                         help="only load the checkpoint as asyncep does and print each rank's shard and peak memory")
+    parser.add_argument("--device", default="auto",
+                        help="cpu (gloo), cuda (rank r on cuda:LOCAL_RANK, NCCL), or auto (default): cuda when it works")
+    parser.add_argument("--shape", default="82m", choices=SHAPES, help="the model shape (tiny: a quick run of the code path)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    device = resolve_device(args.device)
+    strategies = (args.strategies or ("asyncep,asyncep-shm,replica,tp,ep" if device.type == "cpu" else "asyncep,replica,tp,ep")).split(",")
+    if device.type != "cpu" and any(s.startswith("asyncep-shm") for s in strategies):
+        parser.error(f"--strategies asyncep-shm: shared memory is a host transport; on {device.type} AsyncEP gathers over NCCL (asyncep)")
+    if device.type != "cpu" and args.load_memory:
+        parser.error("--load-memory measures the host's resident memory while loading: run it with --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts: each rank's communicator on its own GPU
+    dist.init_process_group(process_group_backend(device))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     family = FAMILY[args.quantization]
-    path_of = functools.cache(lambda quantization: checkpoint(rank, quantization, family))  # built on first use, on every rank
+    path_of = functools.cache(lambda quantization: checkpoint(rank, quantization, family, args.shape))  # built on first use, on every rank
+    model_shape = SHAPES[args.shape]
     if args.load_memory:
         report = load_memory(path_of(args.quantization))
         reports = [None] * world
@@ -302,14 +353,14 @@ def main() -> None:
                 args.json.write_text(json.dumps({"world_size": world, "quantization": args.quantization, "load_memory": reports}, indent=1))
         dist.destroy_process_group()
         return
-    tokens_list = parse_tokens(args.tokens, lambda: bf16_t_star(path_of(None), args.context))
+    tokens_list = parse_tokens(args.tokens, lambda: bf16_t_star(path_of(None), args.context, device))
     results = []
-    for strategy in args.strategies.split(","):
+    for strategy in strategies:
         gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")
+        reset_peak(device)
         quantized = strategy in ("asyncep", "asyncep-shm") and args.quantization
         path = path_of(args.quantization if quantized else None)
-        model, grad_ctx = load(strategy, path, args.backend)
+        model, grad_ctx = load(strategy, path, args.backend, device)
         if strategy.startswith("asyncep"):  # the threshold the scheduler would use, measured now
             threshold = zp_compile.saturation_threshold(model, context=args.context)
             t_star = {"strategy": strategy, "quantization": quantized or "", "t_star_tokens": threshold.tokens,
@@ -319,8 +370,8 @@ def main() -> None:
                 print(f"{strategy:<8} T* = {threshold.tokens:,.0f} tokens per rank (t_gather {threshold.t_gather_s * 1e3:.1f} ms)")
         for tokens in tokens_list:
             run = bench_mix if args.workload == "mix" else bench
-            tok_s = run(model, grad_ctx, tokens, args.context, args.steps, MODEL["vocab"], strategy == "tp")
-            _, peak = resident_bytes()
+            tok_s = run(model, grad_ctx, tokens, args.context, args.steps, model_shape["vocab"], strategy == "tp", device)
+            peak = peak_bytes(device)
             row = {
                 "strategy": strategy,
                 "quantization": quantized or "",
@@ -329,20 +380,22 @@ def main() -> None:
                 "tokens_per_rank": tokens,
                 "context": args.context,
                 "tok_s": tok_s,
-                "peak_rss": peak,
+                "device": device.type,
+                "peak_rss" if device.type == "cpu" else "peak_device_bytes": peak,
                 "bytes_per_layer": bytes_per_layer(strategy, tokens, world, model),
             }
             peaks = [None] * world
             dist.all_gather_object(peaks, peak)
-            row["peak_rss_max"] = max(peaks)
+            row["peak_rss_max" if device.type == "cpu" else "peak_device_bytes_max"] = max(peaks)
             results.append(row)
             if rank == 0:
-                print(f"{strategy:<8} tokens/rank {tokens:>6}  {tok_s:>9.0f} tok/s  peak RSS {max(peaks) / 2**20:.0f} MiB", flush=True)
+                memory = "peak RSS" if device.type == "cpu" else f"peak {device.type} memory"
+                print(f"{strategy:<8} tokens/rank {tokens:>6}  {tok_s:>9.0f} tok/s  {memory} {max(peaks) / 2**20:.0f} MiB", flush=True)
         del model
         torch._dynamo.reset()
     if rank == 0 and args.json:
         old = json.loads(args.json.read_text())["results"] if args.json.exists() else []
-        args.json.write_text(json.dumps({"world_size": world, "model": MODEL, "results": old + results}, indent=1))
+        args.json.write_text(json.dumps({"world_size": world, "model": model_shape, "results": old + results}, indent=1))
     dist.destroy_process_group()
 
 

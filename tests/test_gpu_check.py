@@ -32,3 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert a["world"] == 8 and a["sharded_layers"] == 2 and a["copied_bytes_per_step"] > 0 and a["overlap_cost"] > 0
     assert {(c["rows"], c["prefix"]) for c in phases["packed"]["cases"]} == {(2, 0), (8, 0), (2, 64), (8, 64)}
     assert all(c["max_abs_diff"] < 0.05 for c in phases["packed"]["cases"])  # bf16
+    # throughput.py under torchrun: every strategy ran on both ranks and counted tokens.
+    r = phases["ranks"]
+    assert r["world"] == 2 and {row["strategy"] for row in r["rows"]} == {"asyncep", "replica", "tp", "ep"}, r
+    assert all(row["tok_s"] > 0 and row["device"] == "cpu" for row in r["rows"]) and r["t_star"], r
