@@ -278,9 +278,10 @@ def test_one_graph_serves_steps_on_both_sides_of_inductors_sort_guard(deep_check
     assert (counters["zp_compile"]["regional_pieces"], counters["zp_compile"]["regional_compiles"]) == (4, 3)
 
 
-def test_mixed_reuse_batch_under_inductor(checkpoint):
-    """The cached graphs (B > 1 with P = 0, then P > 0) compile with Inductor and give the same logits."""
-    model = optimized(checkpoint, "inductor")  # resets dynamo: tests after this one recompile their graphs
+def test_mixed_reuse_batch_under_inductor(deep_checkpoint):
+    """The cached graphs (B > 1 with P = 0, then P > 0) compile with Inductor, as serving ranks compile
+    them (a decoder layer at a time), and give the same logits."""
+    model = optimized(deep_checkpoint, "inductor", regional=True)  # resets dynamo: tests after this one recompile their graphs
     a, b = prompt(71, 70), prompt(72, 40)
     kv = RankKVCache(1024)
     got, _ = cached(model, kv, [a, b])

@@ -18,14 +18,19 @@ experts). The whole-graph compile overlaps a little more: it waits just before l
 read, so layer k's attention hides transfer too. Depth 0 keeps each marker in its own layer's piece
 (gather, then use).
 
-Invariant (deadlock freedom): the pieces, the marker placement and the sharing depend only on the
-graph (module paths, marker keys), never on timing or rank; every rank runs the pieces in the same
+Invariant (deadlock freedom): the pieces and the marker placement depend only on the graph (module
+paths, marker keys), never on timing or rank; every rank runs the pieces in the same
 order, and each piece issues its gathers in ascending (layer, slot) order, so the gather order over a
-forward is ascending (layer, slot) on every rank, as with one graph.
+forward is ascending (layer, slot) on every rank, as with one graph. Whether two layers share a compile
+(which depends on the sizes seen when tracing) changes what is compiled, never what runs: a piece issues
+the same gathers whichever identical layer's compile it runs.
 
 Sharing is exact: a piece's key is its generated code (with every node and attribute renamed in graph
-order) plus each input's fake shape, stride, dtype and device; tensors a piece reads as attributes are
-keyed by identity, so two pieces holding different constants are never shared. A marker's layer number
+order) plus each input's fake shape, stride, dtype, device, aliasing and alignment; tensors a piece
+reads as attributes are keyed by identity, so two pieces holding different constants are never shared.
+Size symbols are keyed by role (each layer's past length is a symbol of its own): a piece that runs
+another's compile must have had the same sizes when traced, and its symbols are guarded equal to the
+other's from then on (a later call where they differ recompiles, as any failed guard does). A marker's layer number
 is renumbered within its piece: the passes order by it, and neither lowering (an all-gather over the
 group, a copy out of shared memory found by the shard's address) carries it into the graph.
 """
@@ -100,9 +105,13 @@ def assign_pieces(graph: fx.Graph, prefetch: int) -> dict[fx.Node, int] | None:
         else:  # before the first layer: 0; after it, the latest piece it reads from
             piece[node] = max((piece[i] for i in node.all_input_nodes if i in piece), default=0)
     if prefetch:
+        # A marker reads its stored shard straight from a graph input, so it can run in any piece; one
+        # that reads a computed value stays where it is (moving it would make pieces depend both ways).
         markers = [n for n in graph.nodes if is_expert_gather_marker(n) and n in layer_of]
         gathered = sorted({layer_of[n] for n in markers})  # gathered MoE layers, in layer order
         for node in markers:
+            if not all(i.op == "placeholder" for i in node.all_input_nodes):
+                continue
             k = gathered.index(layer_of[node])
             piece[node] = piece_of_layer[gathered[k - prefetch]] if k >= prefetch else 0
     return piece
