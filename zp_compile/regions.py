@@ -118,9 +118,11 @@ def assign_pieces(graph: fx.Graph, prefetch: int) -> dict[fx.Node, int] | None:
 
 
 
-def _canonical(piece: fx.GraphModule) -> fx.GraphModule:
+def _canonical(piece: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
     """``piece`` with its nodes named by position (``a0``... inputs, ``n0``... the rest) and the
-    attributes it reads named ``attr0``...: identical layers then have identical code."""
+    attributes it reads named ``attr0``...: identical layers then have identical code. Its output is a
+    tuple, as AOTAutograd wants; True when ``split_module`` gave it a single value (torch < 2.12 has no
+    ``tuple_return``)."""
     graph, root = fx.Graph(), torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, str] = {}
@@ -130,7 +132,8 @@ def _canonical(piece: fx.GraphModule) -> fx.GraphModule:
         if node.op == "placeholder":
             new = graph.placeholder(f"a{i}")
         elif node.op == "output":
-            new = graph.output(args[0])
+            single = not isinstance(args[0], tuple | list)
+            new = graph.output((args[0],) if single else tuple(args[0]))
         elif node.op in ("get_attr", "call_module"):
             if node.target not in attrs:
                 attrs[node.target] = f"attr{len(attrs)}"
@@ -140,7 +143,7 @@ def _canonical(piece: fx.GraphModule) -> fx.GraphModule:
             new = graph.create_node(node.op, node.target, args, kwargs, name=f"n{i}")
         new.meta = node.meta.copy()
         env[node] = new
-    return fx.GraphModule(root, graph)
+    return fx.GraphModule(root, graph), single
 
 
 def _attr(module: torch.nn.Module, qualname: str) -> Any:
@@ -225,14 +228,15 @@ def _shareable(mine: list, theirs: list, example_inputs: list[Any]) -> bool:
 class _Compiled(torch.nn.Module):
     """A compiled piece where ``split_module`` put the piece's module."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], single: bool) -> None:
         super().__init__()
-        self.fn = fn
+        self.fn, self.single = fn, single
 
     def forward(self, *args: Any) -> Any:
         # Called as dynamo calls a backend's result: unboxed. (AOTAutograd's forward copies its inner
         # function's ``_boxed_call`` flag while taking ``*args``, so the flag cannot be trusted here.)
-        return self.fn(*args)
+        out = self.fn(*args)
+        return out[0] if self.single else out
 
 
 def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], inner: InnerCompile, prefetch: int) -> Callable[..., Any]:
@@ -241,19 +245,20 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], inner: InnerC
     pieces = assign_pieces(gm.graph, prefetch)
     if pieces is None:
         return inner(gm, example_inputs)
-    split = split_module(gm, None, pieces.__getitem__, keep_original_order=True, tuple_return=True)
+    split = split_module(gm, None, pieces.__getitem__, keep_original_order=True)
     compiled: dict[tuple, list[tuple[_Compiled, list]]] = {}  # key -> (compile, its size symbols)
     names = [n.target for n in split.graph.nodes if n.op == "call_module"]
     for name in names:
-        piece = _canonical(split.get_submodule(name))
+        piece, single = _canonical(split.get_submodule(name))
         _renumber_markers(piece)
         piece.recompile()
         inputs = [n.meta["example_value"] for n in piece.graph.nodes if n.op == "placeholder"]
         key, symbols = piece_key(piece, inputs)
+        key = (*key, single)
         candidates = compiled.setdefault(key, [])
         shared = next((fn for fn, theirs in candidates if _shareable(symbols, theirs, inputs)), None)
         if shared is None:
-            shared = _Compiled(inner(piece, inputs))
+            shared = _Compiled(inner(piece, inputs), single)
             candidates.append((shared, symbols))
         setattr(split, name, shared)
     distinct = sum(map(len, compiled.values()))
