@@ -30,9 +30,10 @@ order) plus each input's fake shape, stride, dtype, device, aliasing and alignme
 reads as attributes are keyed by identity, so two pieces holding different constants are never shared.
 Size symbols are keyed by role (each layer's past length is a symbol of its own): a piece that runs
 another's compile must have had the same sizes when traced, and its symbols are guarded equal to the
-other's from then on (a later call where they differ recompiles, as any failed guard does). A marker's layer number
-is renumbered within its piece: the passes order by it, and neither lowering (an all-gather over the
-group, a copy out of shared memory found by the shard's address) carries it into the graph.
+other's from then on (a later call where they differ recompiles, as any failed guard does). A marker's
+layer number is renumbered within its piece: the passes order by it, and neither lowering (an
+all-gather over the group, a copy out of shared memory found by the shard's address) carries it into
+the graph.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def assign_pieces(graph: fx.Graph, prefetch: int) -> dict[fx.Node, int] | None:
     return piece
 
 
-
 def _canonical(piece: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
     """``piece`` with its nodes named by position (``a0``... inputs, ``n0``... the rest) and the
     attributes it reads named ``attr0``...: identical layers then have identical code. Its output is a
@@ -137,7 +137,7 @@ def _canonical(piece: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
         elif node.op in ("get_attr", "call_module"):
             if node.target not in attrs:
                 attrs[node.target] = f"attr{len(attrs)}"
-                setattr(root, attrs[node.target], piece.get_submodule(node.target) if node.op == "call_module" else _attr(piece, node.target))
+                setattr(root, attrs[node.target], _attr(piece, node.target))
             new = graph.create_node(node.op, attrs[node.target], args, kwargs, name=f"n{i}")
         else:
             new = graph.create_node(node.op, node.target, args, kwargs, name=f"n{i}")
@@ -147,6 +147,7 @@ def _canonical(piece: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
 
 
 def _attr(module: torch.nn.Module, qualname: str) -> Any:
+    """What a ``get_attr`` or ``call_module`` target names (a submodule, a tensor) in ``module``."""
     for name in qualname.split("."):
         module = getattr(module, name)
     return module
