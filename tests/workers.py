@@ -102,7 +102,7 @@ def transformers_ep_adopted(rank: int, world_size: int, path: str) -> dict:
     }
 
 
-def inductor_code(rank: int, world_size: int, path: str, prefetch: int) -> dict:
+def inductor_code(rank: int, world_size: int, path: str, prefetch: int, regional: bool = False) -> dict:
     """Optimize with Inductor; return the generated code and the logits error on this rank's batch."""
     from torch._inductor.utils import run_and_get_code
 
@@ -110,7 +110,7 @@ def inductor_code(rank: int, world_size: int, path: str, prefetch: int) -> dict:
 
     torch._dynamo.reset()
     _, ids, mask, expected = reference(path, rank)
-    model = zp_compile.from_pretrained(path, prefetch=prefetch, backend="inductor")
+    model = zp_compile.from_pretrained(path, prefetch=prefetch, backend="inductor", regional=regional)
     with torch.inference_mode():
         got, code = run_and_get_code(lambda: model(input_ids=ids, attention_mask=mask).logits)
     valid = mask.bool()
