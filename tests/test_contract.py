@@ -103,3 +103,21 @@ def test_an_old_generation_cannot_answer_for_the_new_one(ranks):
     out, _ = r.receive(n)
     assert [rank[0].next[0] for rank in out] == [1, 1]
     old.close()
+
+
+@pytest.mark.parametrize("flags, regional", [([], True), (["--no-regional-compile"], False)])
+def test_the_regional_compile_flag_reaches_the_ranks(flags, regional):
+    """``serve``'s flag is a ServeSettings field, and the ranks' settings carry it (default: on)."""
+    import argparse
+    import dataclasses
+
+    from zp_compile import cli
+    from zp_compile.server.settings import ServeSettings, rank_settings
+
+    parser = argparse.ArgumentParser()
+    cli._add_serve(parser.add_subparsers(dest="command"))
+    args = vars(parser.parse_args(["serve", "--model", "/m", "--served-model-name", "m", *flags]))
+    settings = ServeSettings(**{f.name: args[f.name] for f in dataclasses.fields(ServeSettings) if f.name != "labels"})
+    assert settings.regional_compile is regional
+    assert rank_settings(settings, "tcp://127.0.0.1:1").regional is regional
+    assert contract.decode_settings(contract.encode_settings(rank_settings(settings, "tcp://127.0.0.1:1"))).regional is regional
