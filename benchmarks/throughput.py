@@ -121,7 +121,7 @@ def load(strategy: str, path: Path, backend: str, device: torch.device):
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def bytes_per_layer(strategy: str, tokens: int, world: int, model=None) -> float:
+def bytes_per_layer(strategy: str, tokens: int, world: int, model) -> float:
     """Bytes one rank receives per MoE layer per step (analytic; bf16 = 2 bytes).
 
     AsyncEP: the other ranks' shards of the layer's expert bank (over gloo, or copied out of shared
@@ -151,7 +151,7 @@ def load_memory(path: Path) -> dict:
 
     stored_sizes(path)  # imports the model's code and reads the headers: the constant, before the baseline
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+    reset_peak(torch.device("cpu"))  # the peak (VmHWM) from the current RSS
     before, _ = resident_bytes()
     model = zp_compile.from_pretrained(path, dtype=torch.bfloat16, backend="eager")
     _, peak = resident_bytes()
@@ -342,6 +342,8 @@ def main() -> None:
     family = FAMILY[args.quantization]
     path_of = functools.cache(lambda quantization: checkpoint(rank, quantization, family, args.shape))  # built on first use, on every rank
     model_shape = SHAPES[args.shape]
+    # The process's peak RSS, or the device allocator's peak.
+    peak_name, peak_label = ("peak_rss", "peak RSS") if device.type == "cpu" else ("peak_device_bytes", f"peak {device.type} memory")
     if args.load_memory:
         report = load_memory(path_of(args.quantization))
         reports = [None] * world
@@ -381,16 +383,15 @@ def main() -> None:
                 "context": args.context,
                 "tok_s": tok_s,
                 "device": device.type,
-                "peak_rss" if device.type == "cpu" else "peak_device_bytes": peak,
+                peak_name: peak,
                 "bytes_per_layer": bytes_per_layer(strategy, tokens, world, model),
             }
             peaks = [None] * world
             dist.all_gather_object(peaks, peak)
-            row["peak_rss_max" if device.type == "cpu" else "peak_device_bytes_max"] = max(peaks)
+            row[f"{peak_name}_max"] = max(peaks)
             results.append(row)
             if rank == 0:
-                memory = "peak RSS" if device.type == "cpu" else f"peak {device.type} memory"
-                print(f"{strategy:<8} tokens/rank {tokens:>6}  {tok_s:>9.0f} tok/s  {memory} {max(peaks) / 2**20:.0f} MiB", flush=True)
+                print(f"{strategy:<8} tokens/rank {tokens:>6}  {tok_s:>9.0f} tok/s  {peak_label} {max(peaks) / 2**20:.0f} MiB", flush=True)
         del model
         torch._dynamo.reset()
     if rank == 0 and args.json:
