@@ -61,6 +61,8 @@ _INDEXED = re.compile(r"^(?P<list>.+?)(?:\.|\[)(?P<index>\d+)\]?$")
 # The alignment Inductor assumes of an input whose offset allows it (torch._inductor.utils.ALIGNMENT).
 _ALIGN_BYTES = 16
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
 InnerCompile = Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]
 
 
@@ -164,7 +166,7 @@ def _renumber_markers(piece: fx.GraphModule) -> None:
 
 def _expr(value: Any) -> Any:
     """A size, stride or offset as an expression (a SymInt's sympy expression, an int as is)."""
-    return value.node.expr if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool) else value
+    return value.node.expr if isinstance(value, _SYMBOLIC) else value
 
 
 def _value_key(value: Any, storages: dict, symbols: dict) -> tuple:
@@ -189,7 +191,7 @@ def _value_key(value: Any, storages: dict, symbols: dict) -> tuple:
         offset = named(offset) if isinstance(offset, torch.SymInt) else offset * value.element_size() % _ALIGN_BYTES == 0
         return ("tensor", tuple(map(named, value.shape)), tuple(map(named, value.stride())), offset, value.dtype, value.device,
                 value.requires_grad, alias)  # fmt: skip
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+    if isinstance(value, _SYMBOLIC):
         return ("symbol", named(value))
     return ("value", type(value).__name__, repr(value))
 
